@@ -1,0 +1,33 @@
+//! The seam between the platform-neutral crate and the OS.
+//!
+//! Each platform file provides the same items: `OwnedRaw` (the owned handle
+//! type), `Transport` (one end of a channel), `Listener`, kind detection and
+//! type checks. Nothing outside `sys` makes a system call.
+
+#[cfg(unix)]
+mod unix;
+#[cfg(unix)]
+pub(crate) use unix::*;
+
+/// What a typed conversion requires of a handle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Expect {
+    TcpListener,
+    TcpStream,
+    UdpSocket,
+    File,
+    Channel,
+    #[cfg_attr(not(unix), allow(dead_code))]
+    UnixListener,
+    #[cfg_attr(not(unix), allow(dead_code))]
+    UnixStream,
+    #[cfg_attr(not(unix), allow(dead_code))]
+    UnixDatagram,
+}
+
+/// Which way a wait is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Read,
+    Write,
+}

@@ -1,0 +1,532 @@
+//! Unix: AF_UNIX SOCK_SEQPACKET sockets, SCM_RIGHTS, SO_PEERCRED.
+
+use std::ffi::c_int;
+use std::fs::File;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rustix::fs::FileType;
+use rustix::io::Errno;
+use rustix::net::{
+    self as rnet, AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags,
+    SocketType as RawType,
+};
+
+use super::{Direction, Expect};
+use crate::handle::{Handle, HandleKind, SocketFamily, SocketInfo, SocketType};
+use crate::wire;
+
+pub(crate) type OwnedRaw = OwnedFd;
+
+/// Linux's SO_PEERPIDFD (6.5+): a pidfd for the peer, race-free.
+const SO_PEERPIDFD: c_int = 77;
+/// Linux's SO_PASSRIGHTS (6.16+): when 0, the kernel refuses to queue
+/// SCM_RIGHTS to this socket, so the sender gets EPERM.
+const SO_PASSRIGHTS: c_int = 83;
+
+/// Control buffer room for a full frame of handles, plus one spare
+/// descriptor so that a frame with too many attached is seen as a count
+/// mismatch rather than as truncation where possible.
+const CONTROL_SPACE: usize = rustix::cmsg_space!(ScmRights(wire::MAX_FRAME_HANDLES + 1));
+
+pub(crate) fn detect_kind(fd: &OwnedFd) -> io::Result<HandleKind> {
+    match rnet::sockopt::socket_type(fd) {
+        Ok(raw_type) => Ok(HandleKind::Socket(socket_info(fd, raw_type)?)),
+        Err(Errno::NOTSOCK) => {
+            let stat = rustix::fs::fstat(fd)?;
+            Ok(match FileType::from_raw_mode(stat.st_mode) {
+                FileType::RegularFile => {
+                    // Only shmem-backed files (memfd, shm_open) have seals.
+                    if rustix::fs::fcntl_get_seals(fd).is_ok() {
+                        HandleKind::SharedMemory
+                    } else {
+                        HandleKind::File
+                    }
+                }
+                FileType::Fifo => HandleKind::Pipe,
+                FileType::Directory => HandleKind::Directory,
+                FileType::CharacterDevice => HandleKind::CharDevice,
+                _ => HandleKind::Other,
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn socket_info(fd: &OwnedFd, raw_type: RawType) -> io::Result<SocketInfo> {
+    let family = match rnet::sockopt::socket_domain(fd)? {
+        AddressFamily::UNIX => SocketFamily::Unix,
+        AddressFamily::INET => SocketFamily::Ipv4,
+        AddressFamily::INET6 => SocketFamily::Ipv6,
+        _ => SocketFamily::Other,
+    };
+    let socket_type = match raw_type {
+        RawType::STREAM => SocketType::Stream,
+        RawType::DGRAM => SocketType::Datagram,
+        RawType::SEQPACKET => SocketType::SeqPacket,
+        _ => SocketType::Other,
+    };
+    let listening = matches!(socket_type, SocketType::Stream | SocketType::SeqPacket)
+        && rnet::sockopt::socket_acceptconn(fd)?;
+    Ok(SocketInfo {
+        family,
+        socket_type,
+        listening,
+    })
+}
+
+pub(crate) fn check(fd: &OwnedFd, expect: Expect) -> Result<(), Result<HandleKind, io::ErrorKind>> {
+    let kind = detect_kind(fd).map_err(|e| Err(e.kind()))?;
+    let ok = match (expect, kind) {
+        (Expect::File, k) => matches!(k, HandleKind::File | HandleKind::SharedMemory),
+        (_, HandleKind::Socket(s)) => {
+            let inet = matches!(s.family, SocketFamily::Ipv4 | SocketFamily::Ipv6);
+            let unix = s.family == SocketFamily::Unix;
+            match expect {
+                Expect::TcpListener => inet && stream_listener(s) && is_protocol(fd, "tcp"),
+                Expect::TcpStream => {
+                    inet && s.socket_type == SocketType::Stream
+                        && !s.listening
+                        && is_protocol(fd, "tcp")
+                }
+                Expect::UdpSocket => {
+                    inet && s.socket_type == SocketType::Datagram && is_protocol(fd, "udp")
+                }
+                Expect::UnixListener => unix && stream_listener(s),
+                Expect::UnixStream => unix && s.socket_type == SocketType::Stream && !s.listening,
+                Expect::UnixDatagram => unix && s.socket_type == SocketType::Datagram,
+                Expect::Channel => unix && s.socket_type == SocketType::SeqPacket && !s.listening,
+                Expect::File => unreachable!("handled above"),
+            }
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Ok(kind))
+    }
+}
+
+fn stream_listener(s: SocketInfo) -> bool {
+    s.socket_type == SocketType::Stream && s.listening
+}
+
+fn is_protocol(fd: &OwnedFd, which: &str) -> bool {
+    let want = if which == "tcp" {
+        rnet::ipproto::TCP
+    } else {
+        rnet::ipproto::UDP
+    };
+    // Kernels without SO_PROTOCOL report nothing; the family and type
+    // checks have already narrowed it to TCP or UDP there.
+    match rnet::sockopt::socket_protocol(fd) {
+        Ok(Some(p)) => p == want,
+        Ok(None) | Err(_) => true,
+    }
+}
+
+pub(crate) fn duplicate(fd: &OwnedFd) -> io::Result<OwnedFd> {
+    Ok(rustix::io::fcntl_dupfd_cloexec(fd, 0)?)
+}
+
+pub(crate) fn into_tcp_listener(fd: OwnedFd) -> TcpListener {
+    fd.into()
+}
+pub(crate) fn into_tcp_stream(fd: OwnedFd) -> TcpStream {
+    fd.into()
+}
+pub(crate) fn into_udp_socket(fd: OwnedFd) -> UdpSocket {
+    fd.into()
+}
+pub(crate) fn into_file(fd: OwnedFd) -> File {
+    fd.into()
+}
+pub(crate) fn into_unix_listener(fd: OwnedFd) -> UnixListener {
+    fd.into()
+}
+pub(crate) fn into_unix_stream(fd: OwnedFd) -> UnixStream {
+    fd.into()
+}
+pub(crate) fn into_unix_datagram(fd: OwnedFd) -> UnixDatagram {
+    fd.into()
+}
+
+/// What the OS knows about the process at the other end.
+#[derive(Debug)]
+pub(crate) struct PeerInfo {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub pidfd: Option<OwnedFd>,
+}
+
+/// One frame as received, before validation.
+pub(crate) struct Received {
+    /// Bytes of the frame in the buffer; 0 with `eof` at end of stream.
+    pub len: usize,
+    pub eof: bool,
+    pub control_truncated: bool,
+    pub frame_truncated: bool,
+}
+
+/// One end of a channel: a connected AF_UNIX SOCK_SEQPACKET socket.
+#[derive(Debug)]
+pub(crate) struct Transport(OwnedFd);
+
+impl Transport {
+    pub fn pair() -> io::Result<(Transport, Transport)> {
+        let (a, b) = rnet::socketpair(
+            AddressFamily::UNIX,
+            RawType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )?;
+        Ok((Transport(a), Transport(b)))
+    }
+
+    pub fn connect(addr: &Address) -> io::Result<Transport> {
+        let fd = seqpacket_socket()?;
+        rnet::connect(&fd, &addr.sockaddr()?)?;
+        Ok(Transport(fd))
+    }
+
+    pub fn from_raw(fd: OwnedFd) -> Transport {
+        Transport(fd)
+    }
+
+    pub fn into_raw(self) -> OwnedFd {
+        self.0
+    }
+
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        Ok(rustix::io::ioctl_fionbio(&self.0, on)?)
+    }
+
+    /// Asks the kernel to refuse handles sent to this end. Returns false
+    /// where the kernel has no SO_PASSRIGHTS, so the caller closes them
+    /// in user space instead.
+    pub fn refuse_handles(&self) -> io::Result<bool> {
+        let off: c_int = 0;
+        // SAFETY: the descriptor is open for the duration of the call, and
+        // the option value points at a live c_int of the stated size.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.0.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PASSRIGHTS,
+                (&off as *const c_int).cast(),
+                std::mem::size_of::<c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::ENOPROTOOPT) | Some(libc::EINVAL) => Ok(false),
+            _ => Err(err),
+        }
+    }
+
+    pub fn peer(&self) -> io::Result<PeerInfo> {
+        let cred = rnet::sockopt::socket_peercred(&self.0)?;
+        Ok(PeerInfo {
+            pid: rustix::process::Pid::as_raw(Some(cred.pid)) as u32,
+            uid: cred.uid.as_raw(),
+            gid: cred.gid.as_raw(),
+            pidfd: peer_pidfd(&self.0),
+        })
+    }
+
+    /// Sends one frame: `head` (header and records), then `payload`, with
+    /// the handles attached. SOCK_SEQPACKET makes this one atomic record.
+    pub fn send_frame(
+        &self,
+        head: &[u8],
+        payload: &[u8],
+        handles: &[Handle],
+        nonblocking: bool,
+    ) -> io::Result<()> {
+        debug_assert!(handles.len() <= wire::MAX_FRAME_HANDLES);
+        let mut fds = [MaybeUninit::<BorrowedFd<'_>>::uninit(); wire::MAX_FRAME_HANDLES];
+        for (slot, h) in fds.iter_mut().zip(handles) {
+            slot.write(h.raw.as_fd());
+        }
+        // SAFETY: the first `handles.len()` slots were written just above.
+        let fds = unsafe {
+            std::slice::from_raw_parts(fds.as_ptr().cast::<BorrowedFd<'_>>(), handles.len())
+        };
+        let mut space = [MaybeUninit::<u8>::uninit(); CONTROL_SPACE];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !fds.is_empty() {
+            let pushed = control.push(SendAncillaryMessage::ScmRights(fds));
+            debug_assert!(pushed, "control space is sized for a full frame");
+        }
+        let iov = [IoSlice::new(head), IoSlice::new(payload)];
+        let mut flags = SendFlags::NOSIGNAL;
+        if nonblocking {
+            flags |= SendFlags::DONTWAIT;
+        }
+        loop {
+            match rnet::sendmsg(&self.0, &iov, &mut control, flags) {
+                Ok(_) => return Ok(()),
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Receives one frame into `buf`, moving any attached descriptors into
+    /// `handles` as owned values at once, so that every later error path
+    /// closes them by dropping. With `accept_handles` false the control
+    /// buffer is empty: the kernel then discards attached descriptors
+    /// without installing them, and reports MSG_CTRUNC.
+    pub fn recv_frame(
+        &self,
+        buf: &mut [u8],
+        handles: &mut Vec<OwnedFd>,
+        accept_handles: bool,
+        nonblocking: bool,
+    ) -> io::Result<Received> {
+        let mut space = [MaybeUninit::<u8>::uninit(); CONTROL_SPACE];
+        let room = if accept_handles { CONTROL_SPACE } else { 0 };
+        let mut control = RecvAncillaryBuffer::new(&mut space[..room]);
+        let mut flags = RecvFlags::CMSG_CLOEXEC;
+        if nonblocking {
+            flags |= RecvFlags::DONTWAIT;
+        }
+        let msg = loop {
+            let mut iov = [IoSliceMut::new(buf)];
+            match rnet::recvmsg(&self.0, &mut iov, &mut control, flags) {
+                Ok(m) => break m,
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(fds) = message {
+                handles.extend(fds);
+            }
+        }
+        let control_truncated = msg.flags.contains(ReturnFlags::CTRUNC);
+        Ok(Received {
+            len: msg.bytes.min(buf.len()),
+            eof: msg.bytes == 0 && handles.is_empty() && !control_truncated,
+            control_truncated,
+            frame_truncated: msg.flags.contains(ReturnFlags::TRUNC),
+        })
+    }
+
+    /// Waits until the socket is ready, or the deadline passes (false).
+    pub fn wait(&self, direction: Direction, deadline: Option<Instant>) -> io::Result<bool> {
+        wait_fd(self.0.as_fd(), direction, deadline)
+    }
+}
+
+/// Waits for readiness; `None` waits without limit. False means the
+/// deadline passed first.
+fn wait_fd(
+    fd: BorrowedFd<'_>,
+    direction: Direction,
+    deadline: Option<Instant>,
+) -> io::Result<bool> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let events = match direction {
+        Direction::Read => PollFlags::IN,
+        Direction::Write => PollFlags::OUT,
+    };
+    loop {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let timeout = left.map(|left| Timespec {
+            tv_sec: left.as_secs().min(i64::MAX as u64) as i64,
+            tv_nsec: left.subsec_nanos() as _,
+        });
+        let mut fds = [PollFd::new(&fd, events)];
+        match poll(&mut fds, timeout.as_ref()) {
+            Ok(0) if left.is_some_and(|l| l.is_zero()) => return Ok(false),
+            Ok(0) => continue,
+            Ok(_) => return Ok(true),
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Maps a failed sendmsg to what it means for a channel.
+pub(crate) fn send_error(e: io::Error) -> crate::Error {
+    match Errno::from_io_error(&e) {
+        Some(Errno::PIPE) | Some(Errno::CONNRESET) => crate::Error::Disconnected,
+        // SO_PASSRIGHTS=0 at the peer makes the kernel refuse SCM_RIGHTS.
+        Some(Errno::PERM) => crate::Error::PeerRefusesHandles,
+        _ => crate::Error::Io {
+            op: "sendmsg",
+            source: e,
+        },
+    }
+}
+
+fn peer_pidfd(fd: &OwnedFd) -> Option<OwnedFd> {
+    let mut raw: c_int = -1;
+    let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
+    // SAFETY: the descriptor is open for the duration of the call, and the
+    // out-pointers refer to a live c_int and its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&mut raw as *mut c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || raw < 0 {
+        return None;
+    }
+    // SAFETY: on success the kernel installed a new descriptor that nothing
+    // else owns; the kernel marks it close-on-exec.
+    Some(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn seqpacket_socket() -> io::Result<OwnedFd> {
+    Ok(rnet::socket_with(
+        AddressFamily::UNIX,
+        RawType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
+impl AsRawFd for Transport {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Where a channel listener lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Address {
+    Path(PathBuf),
+    /// A Linux abstract socket name: no file, gone with the last socket.
+    Name(String),
+}
+
+impl Address {
+    fn sockaddr(&self) -> io::Result<SocketAddrUnix> {
+        Ok(match self {
+            Address::Path(p) => SocketAddrUnix::new(p.as_path())?,
+            Address::Name(n) => SocketAddrUnix::new_abstract_name(n.as_bytes())?,
+        })
+    }
+}
+
+/// A listening channel socket. A path it bound is removed when it is
+/// dropped, unless another socket has replaced the file meanwhile.
+#[derive(Debug)]
+pub(crate) struct Listener {
+    fd: OwnedFd,
+    bound_file: Option<(PathBuf, u64, u64)>,
+}
+
+impl Listener {
+    pub fn bind(addr: &Address) -> io::Result<Listener> {
+        let fd = seqpacket_socket()?;
+        let sockaddr = addr.sockaddr()?;
+        match rnet::bind(&fd, &sockaddr) {
+            Ok(()) => {}
+            Err(Errno::ADDRINUSE) => match addr {
+                Address::Path(path) if is_stale_socket(path) => {
+                    std::fs::remove_file(path)?;
+                    rnet::bind(&fd, &sockaddr)?;
+                }
+                _ => return Err(Errno::ADDRINUSE.into()),
+            },
+            Err(e) => return Err(e.into()),
+        }
+        rnet::listen(&fd, 128)?;
+        let bound_file = match addr {
+            Address::Path(path) => {
+                let st = rustix::fs::stat(path.as_path())?;
+                Some((path.clone(), st.st_dev, st.st_ino))
+            }
+            Address::Name(_) => None,
+        };
+        Ok(Listener { fd, bound_file })
+    }
+
+    pub fn accept(&self, nonblocking: bool) -> io::Result<Transport> {
+        let flags = if nonblocking {
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK
+        } else {
+            SocketFlags::CLOEXEC
+        };
+        loop {
+            match rnet::accept_with(&self.fd, flags) {
+                Ok(fd) => return Ok(Transport(fd)),
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        Ok(rustix::io::ioctl_fionbio(&self.fd, on)?)
+    }
+
+    pub fn wait(&self, deadline: Option<Instant>) -> io::Result<bool> {
+        wait_fd(self.fd.as_fd(), Direction::Read, deadline)
+    }
+
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some((path, dev, ino)) = &self.bound_file {
+            if let Ok(st) = rustix::fs::stat(path.as_path()) {
+                if st.st_dev == *dev && st.st_ino == *ino {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+    }
+}
+
+/// A socket file nobody listens on any more: safe to replace.
+fn is_stale_socket(path: &Path) -> bool {
+    let Ok(st) = rustix::fs::lstat(path) else {
+        return false;
+    };
+    if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
+        return false;
+    }
+    let probe = |ty| -> bool {
+        let Ok(fd) = rnet::socket_with(AddressFamily::UNIX, ty, SocketFlags::CLOEXEC, None) else {
+            return false;
+        };
+        let Ok(addr) = SocketAddrUnix::new(path) else {
+            return false;
+        };
+        matches!(rnet::connect(&fd, &addr), Err(Errno::CONNREFUSED))
+    };
+    probe(RawType::SEQPACKET) && probe(RawType::STREAM)
+}
