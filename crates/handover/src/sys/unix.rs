@@ -320,12 +320,30 @@ impl Transport {
             }
         }
         let control_truncated = msg.flags.contains(ReturnFlags::CTRUNC);
+        // End of stream and an empty record both read as 0 bytes. An empty
+        // record is never a valid frame; it only counts as the end when the
+        // peer has really shut down, so that a live peer cannot fake a
+        // clean close by sending nothing.
+        let empty = msg.bytes == 0 && handles.is_empty() && !control_truncated;
         Ok(Received {
             len: msg.bytes.min(buf.len()),
-            eof: msg.bytes == 0 && handles.is_empty() && !control_truncated,
+            eof: empty && self.peer_hung_up()?,
             control_truncated,
             frame_truncated: msg.flags.contains(ReturnFlags::TRUNC),
         })
+    }
+
+    fn peer_hung_up(&self) -> io::Result<bool> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let mut fds = [PollFd::new(&self.0, PollFlags::RDHUP)];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        poll(&mut fds, Some(&now))?;
+        Ok(fds[0]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP))
     }
 
     /// Waits until the socket is ready, or the deadline passes (false).
