@@ -9,9 +9,27 @@ use common::*;
 use handover::tokio::{AsyncChannel, AsyncChannelListener};
 use handover::{Channel, Error, Handle};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_messages_with_handles_leak_nothing() {
+/// Runs one test body on its own runtime, holding the descriptor-count lock
+/// for the runtime's whole life: a runtime owns descriptors too.
+fn run<F: std::future::Future>(body: F) -> F::Output {
     let _g = serial();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let out = rt.block_on(body);
+    // The runtime's own descriptors must be gone before the lock is.
+    drop(rt);
+    out
+}
+
+#[test]
+fn many_messages_with_handles_leak_nothing() {
+    run(many_messages())
+}
+
+async fn many_messages() {
     let before = open_fds();
     {
         let (a, b) = AsyncChannel::pair().unwrap();
@@ -35,9 +53,12 @@ async fn many_messages_with_handles_leak_nothing() {
     assert_eq!(open_fds(), before);
 }
 
-#[tokio::test]
-async fn async_and_blocking_ends_interoperate() {
-    let _g = serial();
+#[test]
+fn async_and_blocking_ends_interoperate() {
+    run(interoperate())
+}
+
+async fn interoperate() {
     raise_fd_limit();
     let (a, b) = Channel::pair().unwrap();
     let b = AsyncChannel::try_from(b).unwrap();
@@ -63,9 +84,12 @@ async fn async_and_blocking_ends_interoperate() {
     );
 }
 
-#[tokio::test]
-async fn listener_accepts_and_hostile_frames_fail_cleanly() {
-    let _g = serial();
+#[test]
+fn listener_accepts_and_hostile_frames_fail_cleanly() {
+    run(listener_and_hostile())
+}
+
+async fn listener_and_hostile() {
     let name = format!("handover-async-{}", std::process::id());
     let l = AsyncChannelListener::bind_name(&name).unwrap();
     let client = AsyncChannel::connect_name(&name).await.unwrap();
