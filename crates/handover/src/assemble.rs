@@ -110,6 +110,21 @@ impl<T> Assembler<T> {
         // The header alone, for deciding what to skip when the rest is bad.
         let guess = wire::decode_header(frame).ok();
 
+        // The rest of a message already rejected goes quietly, whatever is
+        // wrong with it, so that one bad message is one error.
+        if let State::Skipping { seq } = self.state {
+            match guess {
+                Some(h) if !h.is_first() && h.seq == seq => {
+                    drop(handles);
+                    if h.is_last() {
+                        self.state = State::Idle;
+                    }
+                    return Ok(None);
+                }
+                _ => self.state = State::Idle,
+            }
+        }
+
         if !self.limits.accept_handles && (control_truncated || received > 0) {
             let announced = guess.map_or(0, |h| h.total_handles as usize);
             drop(handles);
@@ -136,16 +151,6 @@ impl<T> Assembler<T> {
             }
         };
         let header = decoded.header;
-
-        if let State::Skipping { seq } = self.state {
-            if !header.is_first() && header.seq == seq {
-                if header.is_last() {
-                    self.state = State::Idle;
-                }
-                return Ok(None);
-            }
-            self.state = State::Idle;
-        }
 
         if !self.limits.accept_handles && header.frame_handles > 0 {
             return self.fail(
@@ -458,6 +463,18 @@ mod tests {
             a.push(arr),
             Err(Error::HandlesRefused { count: 2 })
         ));
+        // A refused message of several frames is one error, not one a frame.
+        let f1 = frame(FLAG_FIRST, 3, (300, 0), 253, b"");
+        let f2 = frame(FLAG_LAST, 3, (300, 0), 47, b"");
+        let mut arr = arrive(&f1, 0, &alive);
+        arr.control_truncated = true;
+        assert!(matches!(
+            a.push(arr),
+            Err(Error::HandlesRefused { count: 300 })
+        ));
+        let mut arr = arrive(&f2, 0, &alive);
+        arr.control_truncated = true;
+        assert!(a.push(arr).unwrap().is_none());
         let plain = frame(FLAG_FIRST | FLAG_LAST, 2, (0, 1), 0, b"y");
         assert_eq!(
             a.push(arrive(&plain, 0, &alive)).unwrap().unwrap().bytes,

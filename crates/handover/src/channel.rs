@@ -203,16 +203,39 @@ impl Channel {
 
     /// Connects to a [`ChannelListener`] bound to a filesystem path.
     pub fn connect(path: impl AsRef<Path>) -> Result<Channel> {
+        Self::connect_addr(&Address::Path(path.as_ref().to_owned()), None)
+    }
+
+    /// Like [`connect`](Self::connect), giving up after `timeout` if the
+    /// listener's backlog stays full.
+    pub fn connect_timeout(path: impl AsRef<Path>, timeout: Duration) -> Result<Channel> {
         let addr = Address::Path(path.as_ref().to_owned());
-        let t = Transport::connect(&addr).map_err(Error::io("connect"))?;
-        Channel::new(t, ChannelOptions::default())
+        Self::connect_addr(&addr, Some(timeout))
     }
 
     /// Connects to a [`ChannelListener`] bound to a name (a Linux abstract
     /// socket name; a pipe name on Windows).
     pub fn connect_name(name: &str) -> Result<Channel> {
-        let addr = name_address(name)?;
-        let t = Transport::connect(&addr).map_err(Error::io("connect"))?;
+        Self::connect_addr(&name_address(name)?, None)
+    }
+
+    /// Like [`connect_name`](Self::connect_name), giving up after `timeout`.
+    pub fn connect_name_timeout(name: &str, timeout: Duration) -> Result<Channel> {
+        Self::connect_addr(&name_address(name)?, Some(timeout))
+    }
+
+    pub(crate) fn connect_addr(addr: &Address, timeout: Option<Duration>) -> Result<Channel> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let t = Transport::connect(addr, deadline).map_err(|e| match (e.kind(), timeout) {
+            (std::io::ErrorKind::TimedOut, Some(timeout)) => Error::TimedOut {
+                op: "connect",
+                timeout,
+            },
+            _ => Error::Io {
+                op: "connect",
+                source: e,
+            },
+        })?;
         Channel::new(t, ChannelOptions::default())
     }
 

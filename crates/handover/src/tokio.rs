@@ -56,10 +56,15 @@ impl AsyncChannel {
     }
 
     async fn connect_addr(addr: Address) -> Result<AsyncChannel> {
-        // A local connect either completes or fails at once (or queues in
-        // the listener's backlog), so it does not need the reactor.
-        let t = Transport::connect(&addr).map_err(Error::io("connect"))?;
-        AsyncChannel::try_from(Channel::new(t, ChannelOptions::default())?)
+        // A Unix-socket connect completes or fails at once, except while
+        // the listener's backlog is full; then wait off the reactor.
+        let ch = ::tokio::task::spawn_blocking(move || Channel::connect_addr(&addr, None))
+            .await
+            .map_err(|e| Error::Io {
+                op: "connect",
+                source: std::io::Error::other(e),
+            })??;
+        AsyncChannel::try_from(ch)
     }
 
     /// Sends one message. See [`Channel::send`].

@@ -191,9 +191,39 @@ impl Transport {
         Ok((Transport(a), Transport(b)))
     }
 
-    pub fn connect(addr: &Address) -> io::Result<Transport> {
+    /// Connects; with a deadline, gives up (TimedOut) when the listener's
+    /// backlog stays full until then. A Unix-socket connect never goes
+    /// "in progress": it succeeds, fails, or says EAGAIN while the backlog
+    /// is full, so waiting means retrying.
+    pub fn connect(addr: &Address, deadline: Option<Instant>) -> io::Result<Transport> {
         let fd = seqpacket_socket()?;
-        rnet::connect(&fd, &addr.sockaddr()?)?;
+        let sockaddr = addr.sockaddr()?;
+        let Some(deadline) = deadline else {
+            loop {
+                match rnet::connect(&fd, &sockaddr) {
+                    Err(Errno::INTR) => continue,
+                    other => return other.map(|()| Transport(fd)).map_err(Into::into),
+                }
+            }
+        };
+        rustix::io::ioctl_fionbio(&fd, true)?;
+        let mut pause = std::time::Duration::from_micros(200);
+        loop {
+            match rnet::connect(&fd, &sockaddr) {
+                Ok(()) => break,
+                Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
+                    std::thread::sleep(pause.min(left));
+                    pause = (pause * 2).min(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        rustix::io::ioctl_fionbio(&fd, false)?;
         Ok(Transport(fd))
     }
 
