@@ -495,3 +495,30 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[test]
+fn connect_gives_up_when_the_backlog_stays_full() {
+    let _g = serial();
+    raise_fd_limit();
+    no_leak("connect timeout", || {
+        let name = format!("handover-backlog-{}", std::process::id());
+        let l = ChannelListener::bind_name(&name).unwrap();
+        // Nobody accepts: connections queue until the backlog is full.
+        let mut queued = Vec::new();
+        let err = loop {
+            match Channel::connect_name_timeout(&name, Duration::from_millis(20)) {
+                Ok(c) => queued.push(c),
+                Err(e) => break e,
+            }
+            assert!(queued.len() < 10_000, "the backlog never filled");
+        };
+        assert!(
+            matches!(err, Error::TimedOut { op: "connect", .. }),
+            "{err}"
+        );
+        // Accepting one makes room again.
+        let _s = l.accept_timeout(T).unwrap();
+        queued.push(Channel::connect_name_timeout(&name, T).unwrap());
+        drop((queued, l));
+    });
+}

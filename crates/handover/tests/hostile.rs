@@ -348,3 +348,20 @@ fn peer_killed_mid_message() {
         drop((ch, listener));
     });
 }
+
+#[test]
+fn an_empty_record_from_a_live_peer_is_not_a_clean_close() {
+    let _g = serial();
+    no_leak("empty record", || {
+        let got = deliver(b"", 0);
+        assert!(
+            matches!(
+                got,
+                Err(Error::Malformed(handover::wire::DecodeError::ShortHeader(
+                    0
+                )))
+            ),
+            "{got:?}"
+        );
+    });
+}
