@@ -96,6 +96,23 @@ pub enum Error {
         found: Result<HandleKind, io::ErrorKind>,
     },
 
+    /// The program to start was not found, or is not executable.
+    #[error("program {program:?} not found (or not executable) on PATH")]
+    ProgramNotFound { program: String },
+
+    /// A child could not be started.
+    #[error("starting {program:?} failed while {stage}: {source}")]
+    Spawn {
+        program: String,
+        stage: &'static str,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The socket-activation environment is inconsistent.
+    #[error("bad socket-activation environment: {0}")]
+    Activation(String),
+
     /// A bad argument, such as a name that is not a valid address.
     #[error("invalid {what}: {why}")]
     InvalidInput { what: &'static str, why: String },

@@ -21,11 +21,13 @@
 //! Nothing in the platform-neutral API exposes a raw descriptor. Unix-only
 //! conveniences (Unix sockets, descriptors, uid/gid) live in [`unix`].
 
+pub mod activation;
 mod assemble;
 mod channel;
 mod error;
 mod handle;
 mod outgoing;
+mod spawn;
 mod sys;
 pub mod wire;
 
@@ -37,3 +39,4 @@ pub mod unix;
 pub use channel::{Channel, ChannelListener, ChannelOptions, Message, PeerCredentials};
 pub use error::{Error, Result};
 pub use handle::{Handle, HandleKind, SocketFamily, SocketInfo, SocketType, WrongType};
+pub use spawn::{Child, Command};

@@ -8,6 +8,7 @@ use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 
 use crate::channel::{Channel, PeerCredentials};
 use crate::handle::{Handle, WrongType};
+use crate::spawn::{Child, Command};
 use crate::sys::{self, Expect};
 
 impl From<OwnedFd> for Handle {
@@ -120,5 +121,61 @@ impl PeerCredentialsExt for PeerCredentials {
     }
     fn take_pidfd(&mut self) -> Option<OwnedFd> {
         self.info.pidfd.take()
+    }
+}
+
+/// Unix-only choices for starting a child.
+pub trait CommandExt {
+    /// Places a handle at descriptor `target` in the child (0, 1 and 2 are
+    /// stdin, stdout and stderr). The command keeps the handle.
+    fn fd(&mut self, target: i32, handle: Handle) -> &mut Command;
+    /// Runs the child as this user id.
+    fn uid(&mut self, uid: u32) -> &mut Command;
+    /// Runs the child as this group id.
+    fn gid(&mut self, gid: u32) -> &mut Command;
+    /// Sets the child's supplementary groups.
+    fn groups(&mut self, groups: &[u32]) -> &mut Command;
+    /// Starts the child in a new session (setsid).
+    fn setsid(&mut self, on: bool) -> &mut Command;
+}
+
+impl CommandExt for Command {
+    fn fd(&mut self, target: i32, handle: Handle) -> &mut Command {
+        self.unix.placed.retain(|(t, _)| *t != target);
+        self.unix.placed.push((target, handle));
+        self
+    }
+    fn uid(&mut self, uid: u32) -> &mut Command {
+        self.unix.uid = Some(uid);
+        self
+    }
+    fn gid(&mut self, gid: u32) -> &mut Command {
+        self.unix.gid = Some(gid);
+        self
+    }
+    fn groups(&mut self, groups: &[u32]) -> &mut Command {
+        self.unix.groups = Some(groups.to_vec());
+        self
+    }
+    fn setsid(&mut self, on: bool) -> &mut Command {
+        self.unix.setsid = on;
+        self
+    }
+}
+
+/// Unix-only operations on a child.
+pub trait ChildExt {
+    /// Sends a signal (through the pidfd, so a reused pid is never hit).
+    fn signal(&self, signal: i32) -> crate::Result<()>;
+    /// The child's pidfd, where the kernel gave one (CLONE_PIDFD).
+    fn pidfd(&self) -> Option<BorrowedFd<'_>>;
+}
+
+impl ChildExt for Child {
+    fn signal(&self, signal: i32) -> crate::Result<()> {
+        sys::signal_child(&self.inner, signal).map_err(crate::Error::io("kill"))
+    }
+    fn pidfd(&self) -> Option<BorrowedFd<'_>> {
+        self.inner.pidfd.as_ref().map(|fd| fd.as_fd())
     }
 }

@@ -8,6 +8,12 @@
 mod unix;
 #[cfg(unix)]
 pub(crate) use unix::*;
+#[cfg(unix)]
+mod unix_spawn;
+#[cfg(unix)]
+pub(crate) use unix_spawn::{is_executable, kill_child, spawn_child, wait_child, Spawned};
+#[cfg(unix)]
+pub(crate) use unix_spawn::{own_pidfd_inode_id, signal as signal_child};
 
 /// What a typed conversion requires of a handle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -158,6 +158,31 @@ pub(crate) fn into_unix_datagram(fd: OwnedFd) -> UnixDatagram {
     fd.into()
 }
 
+/// Takes ownership of `count` inherited descriptors from `start` on, after
+/// checking that every one is open, and marks them close-on-exec.
+pub(crate) fn adopt_inherited(start: i32, count: usize) -> crate::Result<Vec<OwnedFd>> {
+    let raws: Vec<i32> = (0..count).map(|i| start + i as i32).collect();
+    for &raw in &raws {
+        // SAFETY: F_GETFD only asks whether the number is an open descriptor.
+        if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+            return Err(crate::Error::Activation(format!(
+                "descriptor {raw} was announced but is not open"
+            )));
+        }
+    }
+    Ok(raws
+        .into_iter()
+        .map(|raw| {
+            // SAFETY: the descriptor is open (checked above) and the
+            // activation protocol hands it to this process to own; the
+            // once-only guard in `activation` keeps a second owner away.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            let _ = rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC);
+            fd
+        })
+        .collect())
+}
+
 /// What the OS knows about the process at the other end.
 #[derive(Debug)]
 pub(crate) struct PeerInfo {

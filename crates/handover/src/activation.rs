@@ -1,0 +1,183 @@
+//! Taking the sockets this process was started with (systemd socket
+//! activation: LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES, LISTEN_PIDFDID).
+//!
+//! ```no_run
+//! let mut sockets = handover::activation::take()?;
+//! let http = sockets.take_named("http").expect("started without an http socket");
+//! let listener = http.into_tcp_listener()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! [`take`] removes the four variables from the environment, as
+//! `sd_listen_fds(1)` does, so that children started later do not believe
+//! the sockets are theirs. Changing the environment is only sound while no
+//! other thread reads it: call [`take`] first thing in `main`, before any
+//! thread starts. A program that cannot do that calls [`take_from`] with
+//! [`ActivationEnv::from_process`], which never touches the environment
+//! (its children then must not inherit the variables: [`crate::Command`]
+//! never passes them on).
+//!
+//! The rules, stricter than most implementations:
+//! - the sockets are ours only when LISTEN_PID is our pid; a different pid
+//!   means "none for us", not an error;
+//! - when LISTEN_PIDFDID is set, it must also match our own pidfd's inode
+//!   (where the kernel has pidfs), so a recycled pid cannot be fooled;
+//! - LISTEN_FDS must be a number, and LISTEN_FDNAMES, when set, must name
+//!   exactly that many descriptors;
+//! - every descriptor must be open, and all of them are set close-on-exec;
+//! - each descriptor can be taken out once, by index or by name, and the
+//!   whole set can be taken once per process.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::error::{Error, Result};
+use crate::handle::Handle;
+use crate::spawn::ACTIVATION_VARS;
+use crate::sys;
+
+/// The first descriptor of the protocol.
+pub const LISTEN_FDS_START: i32 = 3;
+
+static TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// The values of the activation variables, however they were obtained.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ActivationEnv {
+    pub listen_pid: Option<String>,
+    pub listen_fds: Option<String>,
+    pub listen_fdnames: Option<String>,
+    pub listen_pidfdid: Option<String>,
+}
+
+impl ActivationEnv {
+    /// Reads the variables from this process's environment, changing nothing.
+    pub fn from_process() -> ActivationEnv {
+        let get = |k: &str| std::env::var(k).ok();
+        ActivationEnv {
+            listen_pid: get("LISTEN_PID"),
+            listen_fds: get("LISTEN_FDS"),
+            listen_fdnames: get("LISTEN_FDNAMES"),
+            listen_pidfdid: get("LISTEN_PIDFDID"),
+        }
+    }
+}
+
+/// The sockets (or other descriptors) this process was started with.
+#[derive(Debug, Default)]
+pub struct Activation {
+    handles: Vec<Option<Handle>>,
+    names: Vec<String>,
+}
+
+impl Activation {
+    /// How many descriptors were passed (taken or not).
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Whether none were passed to this process.
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// The names, in descriptor order (`unknown` where none was given).
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Takes descriptor `LISTEN_FDS_START + index`, once.
+    pub fn take(&mut self, index: usize) -> Option<Handle> {
+        self.handles.get_mut(index)?.take()
+    }
+
+    /// Takes the first not-yet-taken descriptor with this name.
+    pub fn take_named(&mut self, name: &str) -> Option<Handle> {
+        let index = self
+            .names
+            .iter()
+            .zip(&self.handles)
+            .position(|(n, h)| n == name && h.is_some())?;
+        self.take(index)
+    }
+
+    /// Every descriptor not taken yet, in order.
+    pub fn into_handles(self) -> Vec<Handle> {
+        self.handles.into_iter().flatten().collect()
+    }
+}
+
+/// Takes the activation descriptors and removes the variables from the
+/// environment. Call it before any thread starts (see the module docs).
+pub fn take() -> Result<Activation> {
+    let env = ActivationEnv::from_process();
+    for var in ACTIVATION_VARS {
+        // Documented above: this runs before other threads exist.
+        std::env::remove_var(var);
+    }
+    take_from(&env)
+}
+
+/// Takes the activation descriptors described by `env`, leaving the
+/// process environment alone.
+pub fn take_from(env: &ActivationEnv) -> Result<Activation> {
+    let Some(pid) = env.listen_pid.as_deref() else {
+        return Ok(Activation::default());
+    };
+    let pid: u32 = pid
+        .trim()
+        .parse()
+        .map_err(|_| Error::Activation(format!("LISTEN_PID={pid:?} is not a process id")))?;
+    if pid != std::process::id() {
+        return Ok(Activation::default());
+    }
+    if let Some(id) = env.listen_pidfdid.as_deref() {
+        let id: u64 = id.trim().parse().map_err(|_| {
+            Error::Activation(format!("LISTEN_PIDFDID={id:?} is not an inode number"))
+        })?;
+        if let Some(ours) = sys::own_pidfd_inode_id() {
+            if ours != id {
+                // Our pid, but another process that had it before us.
+                return Ok(Activation::default());
+            }
+        }
+    }
+    let count_text = env
+        .listen_fds
+        .as_deref()
+        .ok_or_else(|| Error::Activation("LISTEN_PID is ours but LISTEN_FDS is not set".into()))?;
+    let count: usize = count_text
+        .trim()
+        .parse()
+        .map_err(|_| Error::Activation(format!("LISTEN_FDS={count_text:?} is not a count")))?;
+    if count > 65_536 {
+        return Err(Error::Activation(format!(
+            "LISTEN_FDS={count} is not plausible"
+        )));
+    }
+    let names: Vec<String> = match env.listen_fdnames.as_deref() {
+        None => vec!["unknown".to_owned(); count],
+        Some("") if count == 0 => Vec::new(),
+        Some(list) => list.split(':').map(str::to_owned).collect(),
+    };
+    if names.len() != count {
+        return Err(Error::Activation(format!(
+            "LISTEN_FDNAMES names {} descriptors but LISTEN_FDS is {count}",
+            names.len()
+        )));
+    }
+    if TAKEN.swap(true, Ordering::AcqRel) {
+        return Err(Error::Activation(
+            "the activation descriptors were already taken in this process".into(),
+        ));
+    }
+    let handles = sys::adopt_inherited(LISTEN_FDS_START, count)
+        .inspect_err(|_| TAKEN.store(false, Ordering::Release))?;
+    Ok(Activation {
+        handles: handles
+            .into_iter()
+            .zip(&names)
+            .map(|(fd, name)| Some(Handle::from_raw(fd).with_name(name.clone())))
+            .collect(),
+        names,
+    })
+}

@@ -1,0 +1,273 @@
+//! Starting a child with exactly the handles chosen for it.
+//!
+//! [`Command`] is a small `std::process::Command` for one job: the child gets
+//! the handles listed, at the numbers listed, and nothing else that the
+//! parent has open. Handles added with [`Command::activation`] follow the
+//! systemd socket-activation protocol: descriptors 3, 4, … with LISTEN_FDS,
+//! LISTEN_FDNAMES, LISTEN_PID set to the child's own pid (written by the
+//! child itself after clone, without allocating) and LISTEN_PIDFDID where
+//! the kernel gives pidfds an identity.
+
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+
+use crate::error::{Error, Result};
+use crate::handle::Handle;
+use crate::sys;
+
+/// The variables of the activation protocol. A child never inherits ours.
+pub(crate) const ACTIVATION_VARS: [&str; 4] = [
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "LISTEN_PIDFDID",
+];
+
+/// What a child is started with.
+#[derive(Debug)]
+pub struct Command {
+    program: OsString,
+    args: Vec<OsString>,
+    env: Vec<(OsString, Option<OsString>)>,
+    env_clear: bool,
+    cwd: Option<PathBuf>,
+    activation: Vec<Handle>,
+    #[cfg_attr(not(unix), allow(dead_code))]
+    pub(crate) unix: UnixOptions,
+}
+
+/// The Unix-only choices, set through [`crate::unix::CommandExt`].
+#[derive(Debug, Default)]
+pub(crate) struct UnixOptions {
+    pub placed: Vec<(i32, Handle)>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub groups: Option<Vec<u32>>,
+    pub setsid: bool,
+}
+
+impl Command {
+    /// A command for `program`, found on PATH unless it contains a slash.
+    pub fn new(program: impl AsRef<OsStr>) -> Command {
+        Command {
+            program: program.as_ref().to_owned(),
+            args: Vec::new(),
+            env: Vec::new(),
+            env_clear: false,
+            cwd: None,
+            activation: Vec::new(),
+            unix: UnixOptions::default(),
+        }
+    }
+
+    /// Adds an argument.
+    pub fn arg(&mut self, arg: impl AsRef<OsStr>) -> &mut Command {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    /// Adds arguments.
+    pub fn args<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(&mut self, args: I) -> &mut Command {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// Sets an environment variable for the child.
+    pub fn env(&mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> &mut Command {
+        self.env
+            .push((key.as_ref().to_owned(), Some(value.as_ref().to_owned())));
+        self
+    }
+
+    /// Removes an environment variable for the child.
+    pub fn env_remove(&mut self, key: impl AsRef<OsStr>) -> &mut Command {
+        self.env.push((key.as_ref().to_owned(), None));
+        self
+    }
+
+    /// Starts the child with no inherited environment.
+    pub fn env_clear(&mut self) -> &mut Command {
+        self.env_clear = true;
+        self.env.clear();
+        self
+    }
+
+    /// The child's working directory.
+    pub fn current_dir(&mut self, dir: impl AsRef<Path>) -> &mut Command {
+        self.cwd = Some(dir.as_ref().to_owned());
+        self
+    }
+
+    /// Passes a handle by the activation protocol, after those added
+    /// before it. Its name (see [`Handle::with_name`]) goes into
+    /// LISTEN_FDNAMES; unnamed handles are listed as `unknown`, as systemd
+    /// does. The command keeps the handle, so it can start the program
+    /// again (a restart) with the same sockets.
+    pub fn activation(&mut self, handle: Handle) -> Result<&mut Command> {
+        if let Some(name) = handle.name() {
+            check_fdname(name)?;
+        }
+        self.activation.push(handle);
+        Ok(self)
+    }
+
+    /// The handles passed by the activation protocol, in order.
+    pub fn activation_handles(&self) -> &[Handle] {
+        &self.activation
+    }
+
+    /// The program as given.
+    pub fn program(&self) -> &OsStr {
+        &self.program
+    }
+
+    /// Starts the child.
+    pub fn spawn(&self) -> Result<Child> {
+        let path = self.resolve_program()?;
+        let env = self.child_env();
+        let mut argv = Vec::with_capacity(self.args.len() + 1);
+        argv.push(self.program.clone());
+        argv.extend(self.args.iter().cloned());
+        let inner = sys::spawn_child(self, &path, &argv, env)?;
+        Ok(Child {
+            inner,
+            status: None,
+        })
+    }
+
+    fn child_env(&self) -> Vec<OsString> {
+        let mut vars: Vec<(OsString, OsString)> = if self.env_clear {
+            Vec::new()
+        } else {
+            std::env::vars_os()
+                .filter(|(k, _)| !ACTIVATION_VARS.iter().any(|v| k == v))
+                .collect()
+        };
+        for (key, value) in &self.env {
+            vars.retain(|(k, _)| k != key);
+            if let Some(value) = value {
+                vars.push((key.clone(), value.clone()));
+            }
+        }
+        if !self.activation.is_empty() {
+            vars.retain(|(k, _)| !ACTIVATION_VARS.iter().any(|v| k == v));
+            let names: Vec<&str> = self
+                .activation
+                .iter()
+                .map(|h| h.name().unwrap_or("unknown"))
+                .collect();
+            vars.push((
+                "LISTEN_FDS".into(),
+                self.activation.len().to_string().into(),
+            ));
+            vars.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
+        }
+        vars.into_iter()
+            .map(|(mut k, v)| {
+                k.push("=");
+                k.push(v);
+                k
+            })
+            .collect()
+    }
+
+    fn resolve_program(&self) -> Result<PathBuf> {
+        let program = Path::new(&self.program);
+        let not_found = || Error::ProgramNotFound {
+            program: self.program.to_string_lossy().into_owned(),
+        };
+        if self.program.is_empty() {
+            return Err(not_found());
+        }
+        if self.program.as_encoded_bytes().contains(&b'/') {
+            return if program.exists() {
+                Ok(program.to_owned())
+            } else {
+                Err(not_found())
+            };
+        }
+        let path_var = self
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| std::env::var_os("PATH"));
+        let path_var = path_var.unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        std::env::split_paths(&path_var)
+            .map(|dir| dir.join(program))
+            .find(|candidate| sys::is_executable(candidate))
+            .ok_or_else(not_found)
+    }
+
+    pub(crate) fn activation_fds(&self) -> impl Iterator<Item = (&Handle, i32)> {
+        self.activation.iter().zip(3..)
+    }
+
+    pub(crate) fn cwd(&self) -> Option<&Path> {
+        self.cwd.as_deref()
+    }
+}
+
+/// A systemd file-descriptor name: 1 to 255 printable ASCII characters
+/// other than `:`.
+pub(crate) fn check_fdname(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b':');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidName {
+            name: name.to_owned(),
+            why: "an activation name is 1 to 255 printable ASCII characters other than ':'",
+        })
+    }
+}
+
+/// A started child process.
+#[derive(Debug)]
+pub struct Child {
+    pub(crate) inner: sys::Spawned,
+    status: Option<ExitStatus>,
+}
+
+impl Child {
+    /// The child's process id.
+    pub fn id(&self) -> u32 {
+        self.inner.pid
+    }
+
+    /// Waits for the child to exit.
+    pub fn wait(&mut self) -> Result<ExitStatus> {
+        if let Some(s) = self.status {
+            return Ok(s);
+        }
+        let status = sys::wait_child(self.inner.pid, true)
+            .map_err(Error::io("waitpid"))?
+            .ok_or_else(|| Error::Io {
+                op: "waitpid",
+                source: std::io::Error::other("a blocking wait returned no status"),
+            })?;
+        self.status = Some(status);
+        Ok(status)
+    }
+
+    /// The exit status if the child has exited, without waiting.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            self.status = sys::wait_child(self.inner.pid, false).map_err(Error::io("waitpid"))?;
+        }
+        Ok(self.status)
+    }
+
+    /// Forcibly ends the child (SIGKILL on Unix).
+    pub fn kill(&mut self) -> Result<()> {
+        if self.status.is_some() {
+            return Ok(());
+        }
+        sys::kill_child(&self.inner).map_err(Error::io("kill"))
+    }
+}

@@ -1,0 +1,614 @@
+//! Linux: starting a child with exactly the chosen descriptors.
+//!
+//! The child is made with clone(CLONE_VM | CLONE_VFORK), the technique
+//! glibc's posix_spawn uses: no page tables are copied, so spawning costs
+//! the same however large the parent is. Everything the child needs is
+//! prepared in the parent first ([`Plan`]); between clone and execve the
+//! child only makes system calls and writes into memory set aside for it —
+//! no allocation, no locks, no panics. Because parent and child share
+//! memory until execve, the child reports a failure by storing an errno and
+//! a stage in the plan, which the parent reads once it resumes.
+
+use std::ffi::{c_char, c_int, c_void, CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+
+/// Why a child could not be started, as the child saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stage {
+    Dup,
+    CloseOthers,
+    Groups,
+    Gid,
+    Uid,
+    Chdir,
+    Exec,
+    Setsid,
+}
+
+impl Stage {
+    fn from_u8(v: u8) -> Stage {
+        match v {
+            1 => Stage::Dup,
+            2 => Stage::CloseOthers,
+            3 => Stage::Groups,
+            4 => Stage::Gid,
+            5 => Stage::Uid,
+            6 => Stage::Chdir,
+            8 => Stage::Setsid,
+            _ => Stage::Exec,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            Stage::Dup => 1,
+            Stage::CloseOthers => 2,
+            Stage::Groups => 3,
+            Stage::Gid => 4,
+            Stage::Uid => 5,
+            Stage::Chdir => 6,
+            Stage::Exec => 7,
+            Stage::Setsid => 8,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Stage::Dup => "placing descriptors (dup2)",
+            Stage::CloseOthers => "closing other descriptors",
+            Stage::Groups => "setting supplementary groups",
+            Stage::Gid => "setting the group id",
+            Stage::Uid => "setting the user id",
+            Stage::Chdir => "changing directory",
+            Stage::Exec => "executing the program",
+            Stage::Setsid => "starting a new session",
+        }
+    }
+}
+
+/// An environment entry whose value the child writes after clone.
+struct Slot {
+    /// Index of the entry in `envp`.
+    index: usize,
+    /// "NAME=" followed by room for a decimal u64 and its NUL.
+    buf: Box<[u8]>,
+    prefix: usize,
+}
+
+impl Slot {
+    fn new(name: &str, index: usize) -> Slot {
+        let mut buf = Vec::with_capacity(name.len() + 1 + 21);
+        buf.extend_from_slice(name.as_bytes());
+        buf.push(b'=');
+        let prefix = buf.len();
+        buf.resize(prefix + 21, 0);
+        Slot {
+            index,
+            buf: buf.into_boxed_slice(),
+            prefix,
+        }
+    }
+}
+
+/// Everything the child does, decided in the parent.
+pub(crate) struct Plan {
+    path: CString,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const c_char>,
+    _env: Vec<CString>,
+    envp_ptrs: Vec<*const c_char>,
+    listen_pid: Option<Slot>,
+    listen_pidfdid: Option<Slot>,
+    /// (source, target) pairs; sources are first moved above every target.
+    moves: Vec<(RawFd, RawFd)>,
+    temps: Vec<RawFd>,
+    /// Ranges of descriptor numbers to close, inclusive, after the moves.
+    close: Vec<(u32, u32)>,
+    groups: Option<Vec<libc::gid_t>>,
+    gid: Option<libc::gid_t>,
+    uid: Option<libc::uid_t>,
+    cwd: Option<CString>,
+    setsid: bool,
+    failed_errno: AtomicI32,
+    failed_stage: AtomicU8,
+}
+
+/// What to build a plan from.
+pub(crate) struct PlanSpec<'a> {
+    pub path: &'a OsStr,
+    pub argv: &'a [OsString],
+    /// Complete environment, LISTEN_PID and LISTEN_PIDFDID excluded.
+    pub env: Vec<OsString>,
+    /// Add LISTEN_PID (and LISTEN_PIDFDID where pidfds have inodes).
+    pub activation: bool,
+    /// (source, target) descriptor placements.
+    pub fds: Vec<(RawFd, RawFd)>,
+    pub groups: Option<Vec<u32>>,
+    pub gid: Option<u32>,
+    pub uid: Option<u32>,
+    pub cwd: Option<&'a OsStr>,
+    pub setsid: bool,
+}
+
+fn cstring(s: &OsStr, what: &str) -> io::Result<CString> {
+    CString::new(s.as_bytes()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} contains a NUL byte"),
+        )
+    })
+}
+
+impl Plan {
+    pub fn new(spec: PlanSpec<'_>) -> io::Result<Plan> {
+        let path = cstring(spec.path, "the program path")?;
+        let argv: Vec<CString> = spec
+            .argv
+            .iter()
+            .map(|a| cstring(a, "an argument"))
+            .collect::<io::Result<_>>()?;
+        let mut argv_ptrs: Vec<*const c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+
+        let env: Vec<CString> = spec
+            .env
+            .iter()
+            .map(|e| cstring(e, "an environment variable"))
+            .collect::<io::Result<_>>()?;
+        let mut envp_ptrs: Vec<*const c_char> = env.iter().map(|e| e.as_ptr()).collect();
+        // The slots go last, LISTEN_PIDFDID at the very end, so that the
+        // child can drop it by ending the array early.
+        let (listen_pid, listen_pidfdid) = if spec.activation {
+            let pid = Slot::new("LISTEN_PID", envp_ptrs.len());
+            envp_ptrs.push(pid.buf.as_ptr().cast());
+            let id = Slot::new("LISTEN_PIDFDID", envp_ptrs.len());
+            envp_ptrs.push(id.buf.as_ptr().cast());
+            (Some(pid), Some(id))
+        } else {
+            (None, None)
+        };
+        envp_ptrs.push(std::ptr::null());
+
+        let highest = spec.fds.iter().map(|&(_, t)| t).max().unwrap_or(2).max(2);
+        let mut targets: Vec<RawFd> = spec.fds.iter().map(|&(_, t)| t).collect();
+        targets.sort_unstable();
+        let mut close = Vec::new();
+        let mut next = 3;
+        for &t in targets.iter().filter(|&&t| t >= 3) {
+            if t > next {
+                close.push((next as u32, (t - 1) as u32));
+            }
+            next = next.max(t + 1);
+        }
+        close.push(((highest + 1) as u32, u32::MAX));
+
+        Ok(Plan {
+            path,
+            _argv: argv,
+            argv_ptrs,
+            _env: env,
+            envp_ptrs,
+            listen_pid,
+            listen_pidfdid,
+            temps: vec![-1; spec.fds.len()],
+            moves: spec.fds,
+            close,
+            groups: spec.groups,
+            gid: spec.gid,
+            uid: spec.uid,
+            cwd: spec.cwd.map(|c| cstring(c, "the directory")).transpose()?,
+            setsid: spec.setsid,
+            failed_errno: AtomicI32::new(0),
+            failed_stage: AtomicU8::new(0),
+        })
+    }
+}
+
+/// A started child: its pid, and a pidfd where the kernel gives one.
+#[derive(Debug)]
+pub(crate) struct Spawned {
+    pub pid: u32,
+    pub pidfd: Option<OwnedFd>,
+}
+
+/// Starts the child described by `plan`. On failure nothing is left
+/// running: a child that failed before execve has exited and is reaped.
+pub(crate) fn spawn(plan: &mut Plan) -> Result<Spawned, (Stage, io::Error)> {
+    const STACK: usize = 64 * 1024;
+    let mut stack = vec![0u8; STACK];
+    // The stack grows down on every architecture Linux runs Rust on here.
+    let top = (stack.as_mut_ptr() as usize + STACK) & !15;
+    plan.failed_errno.store(0, Ordering::Relaxed);
+    plan.failed_stage.store(0, Ordering::Relaxed);
+
+    let mut pidfd: c_int = -1;
+    let (ret, err) = with_signals_blocked(|| {
+        let mut flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD;
+        loop {
+            // SAFETY: `child_main` only reads `plan`, writes its atomics and
+            // slots, and makes system calls; the stack is ours, 64 KiB,
+            // 16-byte aligned at the top, and outlives the child's use of it
+            // because CLONE_VFORK suspends us until the child execs or
+            // exits. `pidfd` is a live c_int for CLONE_PIDFD to fill.
+            let ret = unsafe {
+                libc::clone(
+                    child_main,
+                    top as *mut c_void,
+                    flags,
+                    (plan as *mut Plan).cast::<c_void>(),
+                    &mut pidfd as *mut c_int,
+                )
+            };
+            let err = io::Error::last_os_error();
+            if ret < 0 && err.raw_os_error() == Some(libc::EINVAL) && flags & libc::CLONE_PIDFD != 0
+            {
+                // Kernels before 5.2 have no CLONE_PIDFD.
+                flags &= !libc::CLONE_PIDFD;
+                continue;
+            }
+            return (ret, err);
+        }
+    });
+    drop(stack);
+    if ret < 0 {
+        return Err((Stage::Exec, err));
+    }
+    let pidfd = (pidfd >= 0).then(|| {
+        // SAFETY: CLONE_PIDFD stored a new descriptor that only we own.
+        unsafe { OwnedFd::from_raw_fd(pidfd) }
+    });
+    let errno = plan.failed_errno.load(Ordering::Acquire);
+    if errno != 0 {
+        let stage = Stage::from_u8(plan.failed_stage.load(Ordering::Relaxed));
+        reap(ret);
+        return Err((stage, io::Error::from_raw_os_error(errno)));
+    }
+    Ok(Spawned {
+        pid: ret as u32,
+        pidfd,
+    })
+}
+
+fn reap(pid: c_int) {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid on our own child with a valid status pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return;
+        }
+    }
+}
+
+/// Runs `f` with every signal blocked in this thread, so that no handler of
+/// ours runs in the child while it shares our memory.
+fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sigset_t is plain data; sigfillset and pthread_sigmask get
+    // valid pointers to live sets.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let out = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        out
+    }
+}
+
+/// The child, between clone and execve. Only system calls and writes into
+/// the plan: no allocation, no locks, nothing that can unwind.
+extern "C" fn child_main(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the plan the parent passed, alive and not otherwise
+    // used while the parent is suspended by CLONE_VFORK.
+    let plan = unsafe { &mut *arg.cast::<Plan>() };
+    // SAFETY: each call below is a plain system call on plan data that was
+    // prepared for exactly this use.
+    unsafe {
+        reset_signals();
+        if let Err((stage, errno)) = child_setup(plan) {
+            plan.failed_stage.store(stage.to_u8(), Ordering::Relaxed);
+            plan.failed_errno.store(errno, Ordering::Release);
+            libc::_exit(127);
+        }
+        libc::execve(
+            plan.path.as_ptr(),
+            plan.argv_ptrs.as_ptr(),
+            plan.envp_ptrs.as_ptr(),
+        );
+        plan.failed_stage
+            .store(Stage::Exec.to_u8(), Ordering::Relaxed);
+        plan.failed_errno.store(errno(), Ordering::Release);
+        libc::_exit(127)
+    }
+}
+
+fn errno() -> c_int {
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// Default dispositions and an empty mask, as a freshly started service
+/// gets from systemd (Rust's runtime ignores SIGPIPE, for one).
+unsafe fn reset_signals() {
+    for sig in 1..65 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        libc::signal(sig, libc::SIG_DFL);
+    }
+    let mut empty: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut empty);
+    libc::syscall(
+        libc::SYS_rt_sigprocmask,
+        libc::SIG_SETMASK,
+        &empty as *const libc::sigset_t,
+        std::ptr::null_mut::<libc::sigset_t>(),
+        8usize,
+    );
+}
+
+unsafe fn child_setup(plan: &mut Plan) -> Result<(), (Stage, c_int)> {
+    let fail = |stage| (stage, errno());
+    if plan.setsid && libc::setsid() < 0 {
+        return Err(fail(Stage::Setsid));
+    }
+
+    // Move every source above every target first, so that placing one
+    // descriptor can never overwrite another that is still to be placed.
+    let floor = plan.moves.iter().map(|&(_, t)| t).max().unwrap_or(2) + 1;
+    for (i, &(src, _)) in plan.moves.iter().enumerate() {
+        let t = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, floor);
+        if t < 0 {
+            return Err(fail(Stage::Dup));
+        }
+        plan.temps[i] = t;
+    }
+    for (i, &(_, dst)) in plan.moves.iter().enumerate() {
+        // dup2 leaves close-on-exec clear on the target: exactly these
+        // descriptors survive execve.
+        if libc::dup2(plan.temps[i], dst) < 0 {
+            return Err(fail(Stage::Dup));
+        }
+    }
+    for &(lo, hi) in &plan.close {
+        if libc::syscall(libc::SYS_close_range, lo, hi, 0) < 0 {
+            if errno() != libc::ENOSYS {
+                return Err(fail(Stage::CloseOthers));
+            }
+            // Before Linux 5.9: close one by one up to the limit.
+            let mut lim: libc::rlimit = std::mem::zeroed();
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            let end = (hi as u64).min(lim.rlim_cur.saturating_sub(1));
+            let mut fd = lo as u64;
+            while fd <= end {
+                libc::close(fd as c_int);
+                fd += 1;
+            }
+        }
+    }
+
+    if let Some(groups) = &plan.groups {
+        if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) < 0 {
+            return Err(fail(Stage::Groups));
+        }
+    }
+    // Raw system calls, not libc's wrappers: glibc's setuid family signals
+    // every thread of the process, and our threads are the parent's.
+    if let Some(gid) = plan.gid {
+        if libc::syscall(libc::SYS_setresgid, gid, gid, gid) < 0 {
+            return Err(fail(Stage::Gid));
+        }
+    }
+    if let Some(uid) = plan.uid {
+        if libc::syscall(libc::SYS_setresuid, uid, uid, uid) < 0 {
+            return Err(fail(Stage::Uid));
+        }
+    }
+    if let Some(cwd) = &plan.cwd {
+        if libc::chdir(cwd.as_ptr()) < 0 {
+            return Err(fail(Stage::Chdir));
+        }
+    }
+
+    let pid = libc::syscall(libc::SYS_getpid) as u64;
+    if let Some(slot) = &mut plan.listen_pid {
+        write_decimal(&mut slot.buf[slot.prefix..], pid);
+    }
+    if let Some(slot) = &mut plan.listen_pidfdid {
+        match own_pidfd_inode(pid) {
+            Some(ino) => write_decimal(&mut slot.buf[slot.prefix..], ino),
+            // No pidfs: end the environment before this entry.
+            None => plan.envp_ptrs[slot.index] = std::ptr::null(),
+        }
+    }
+    Ok(())
+}
+
+/// The inode number of a pidfd for ourselves, where pidfds have unique
+/// inodes (pidfs, Linux 6.9+); what LISTEN_PIDFDID carries.
+unsafe fn own_pidfd_inode(pid: u64) -> Option<u64> {
+    let fd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) as c_int;
+    if fd < 0 {
+        return None;
+    }
+    let mut st: libc::stat = std::mem::zeroed();
+    let mut fs: libc::statfs = std::mem::zeroed();
+    let ok = libc::fstat(fd, &mut st) == 0 && libc::fstatfs(fd, &mut fs) == 0;
+    libc::close(fd);
+    // Before pidfs every pidfd shared one anonymous inode, which names
+    // nothing; only a pidfs inode identifies the process.
+    (ok && fs.f_type as i64 == PIDFS_MAGIC).then_some(st.st_ino)
+}
+
+/// The pidfs inode of this process, for checking LISTEN_PIDFDID; None
+/// where the kernel has no pidfs.
+pub(crate) fn own_pidfd_inode_id() -> Option<u64> {
+    // SAFETY: pidfd_open, fstat, fstatfs and close on a descriptor this
+    // function opens and closes itself.
+    unsafe { own_pidfd_inode(std::process::id() as u64) }
+}
+
+/// statfs(2) f_type of pidfs.
+pub(crate) const PIDFS_MAGIC: i64 = 0x5049_4446;
+
+/// Writes `n` in decimal followed by NUL into `out` (21 bytes suffice).
+fn write_decimal(out: &mut [u8], mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let len = digits.len() - i;
+    out[..len].copy_from_slice(&digits[i..]);
+    out[len] = 0;
+}
+
+/// Starts `cmd`: builds its plan, then clones.
+pub(crate) fn spawn_child(
+    cmd: &crate::spawn::Command,
+    path: &std::path::Path,
+    argv: &[OsString],
+    env: Vec<OsString>,
+) -> crate::Result<Spawned> {
+    use std::os::fd::AsFd;
+    let program = cmd.program().to_string_lossy().into_owned();
+    let mut fds: Vec<(RawFd, RawFd)> = Vec::new();
+    for (handle, target) in cmd.activation_fds() {
+        fds.push((handle.as_fd().as_raw_fd(), target));
+    }
+    for (target, handle) in &cmd.unix.placed {
+        fds.push((handle.as_fd().as_raw_fd(), *target));
+    }
+    let mut targets: Vec<RawFd> = fds.iter().map(|&(_, t)| t).collect();
+    targets.sort_unstable();
+    if let Some(w) = targets.windows(2).find(|w| w[0] == w[1]) {
+        return Err(crate::Error::InvalidInput {
+            what: "descriptor placement",
+            why: format!("two handles are placed at descriptor {}", w[0]),
+        });
+    }
+    let activation = cmd.activation_fds().next().is_some();
+    let mut plan = Plan::new(PlanSpec {
+        path: path.as_os_str(),
+        argv,
+        env,
+        activation,
+        fds,
+        groups: cmd.unix.groups.clone(),
+        gid: cmd.unix.gid,
+        uid: cmd.unix.uid,
+        cwd: cmd.cwd().map(|p| p.as_os_str()),
+        setsid: cmd.unix.setsid,
+    })
+    .map_err(|e| crate::Error::InvalidInput {
+        what: "command",
+        why: e.to_string(),
+    })?;
+    spawn(&mut plan).map_err(|(stage, source)| crate::Error::Spawn {
+        program,
+        stage: stage.describe(),
+        source,
+    })
+}
+
+pub(crate) fn is_executable(path: &std::path::Path) -> bool {
+    rustix::fs::access(path, rustix::fs::Access::EXEC_OK).is_ok() && path.is_file()
+}
+
+pub(crate) fn wait_child(pid: u32, hang: bool) -> io::Result<Option<std::process::ExitStatus>> {
+    wait(pid, hang)
+}
+
+pub(crate) fn kill_child(child: &Spawned) -> io::Result<()> {
+    signal(child, libc::SIGKILL)
+}
+
+/// Waits for a child; `hang` false polls (None while it runs).
+pub(crate) fn wait(pid: u32, hang: bool) -> io::Result<Option<std::process::ExitStatus>> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut status = 0;
+    let flags = if hang { 0 } else { libc::WNOHANG };
+    loop {
+        // SAFETY: waitpid with a valid status pointer.
+        let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, flags) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Ok(None);
+        }
+        return Ok(Some(std::process::ExitStatus::from_raw(status)));
+    }
+}
+
+/// Sends a signal, through the pidfd when there is one so that a reused
+/// pid can never be hit.
+pub(crate) fn signal(child: &Spawned, sig: c_int) -> io::Result<()> {
+    // SAFETY: plain system calls with integer arguments.
+    let r = unsafe {
+        match &child.pidfd {
+            Some(fd) => libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            ),
+            None => libc::kill(child.pid as libc::pid_t, sig) as libc::c_long,
+        }
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal() {
+        let mut b = [0xffu8; 21];
+        write_decimal(&mut b, 0);
+        assert_eq!(&b[..2], b"0\0");
+        write_decimal(&mut b, u64::MAX);
+        assert_eq!(&b[..21], b"18446744073709551615\0");
+    }
+
+    #[test]
+    fn close_plan_skips_targets() {
+        let spec = |fds: Vec<(RawFd, RawFd)>| PlanSpec {
+            path: OsStr::new("/bin/true"),
+            argv: &[],
+            env: vec![],
+            activation: false,
+            fds,
+            groups: None,
+            gid: None,
+            uid: None,
+            cwd: None,
+            setsid: false,
+        };
+        let p = Plan::new(spec(vec![(10, 3), (11, 7)])).unwrap();
+        assert_eq!(p.close, vec![(4, 6), (8, u32::MAX)]);
+        let p = Plan::new(spec(vec![])).unwrap();
+        assert_eq!(p.close, vec![(3, u32::MAX)]);
+        let p = Plan::new(spec(vec![(5, 0), (6, 1)])).unwrap();
+        assert_eq!(p.close, vec![(3, u32::MAX)]);
+    }
+}
