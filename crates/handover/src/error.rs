@@ -96,6 +96,14 @@ pub enum Error {
         found: Result<HandleKind, io::ErrorKind>,
     },
 
+    /// A socket could not be bound.
+    #[error("cannot listen on {what}: {source}")]
+    Bind {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+
     /// The program to start was not found, or is not executable.
     #[error("program {program:?} not found (or not executable) on PATH")]
     ProgramNotFound { program: String },

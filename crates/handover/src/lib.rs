@@ -26,6 +26,8 @@ mod assemble;
 mod channel;
 mod error;
 mod handle;
+pub mod listen;
+pub mod notify;
 mod outgoing;
 mod spawn;
 mod sys;

@@ -45,6 +45,8 @@ pub(crate) struct UnixOptions {
     pub gid: Option<u32>,
     pub groups: Option<Vec<u32>>,
     pub setsid: bool,
+    pub process_group: bool,
+    pub parent_death_signal: Option<i32>,
 }
 
 impl Command {

@@ -137,6 +137,12 @@ pub trait CommandExt {
     fn groups(&mut self, groups: &[u32]) -> &mut Command;
     /// Starts the child in a new session (setsid).
     fn setsid(&mut self, on: bool) -> &mut Command;
+    /// Starts the child in a process group of its own, so that everything
+    /// it starts can be signalled together.
+    fn process_group(&mut self, on: bool) -> &mut Command;
+    /// The signal the child gets when this thread exits (PR_SET_PDEATHSIG),
+    /// so that a supervisor killed outright leaves no orphan.
+    fn parent_death_signal(&mut self, signal: Option<i32>) -> &mut Command;
 }
 
 impl CommandExt for Command {
@@ -159,6 +165,14 @@ impl CommandExt for Command {
     }
     fn setsid(&mut self, on: bool) -> &mut Command {
         self.unix.setsid = on;
+        self
+    }
+    fn process_group(&mut self, on: bool) -> &mut Command {
+        self.unix.process_group = on;
+        self
+    }
+    fn parent_death_signal(&mut self, signal: Option<i32>) -> &mut Command {
+        self.unix.parent_death_signal = signal;
         self
     }
 }

@@ -509,38 +509,73 @@ impl Address {
     }
 }
 
-/// A listening channel socket. A path it bound is removed when it is
-/// dropped, unless another socket has replaced the file meanwhile.
+/// A socket file this process created. It is removed on drop, unless
+/// another socket has replaced the file meanwhile.
+#[derive(Debug)]
+pub(crate) struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    fn record(path: &Path) -> io::Result<SocketFile> {
+        let st = rustix::fs::stat(path)?;
+        Ok(SocketFile {
+            path: path.to_owned(),
+            dev: st.st_dev,
+            ino: st.st_ino,
+        })
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Ok(st) = rustix::fs::stat(self.path.as_path()) {
+            if st.st_dev == self.dev && st.st_ino == self.ino {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// Binds `sockaddr` on `fd`, replacing a stale socket file at `path`.
+fn bind_replacing_stale(
+    fd: &OwnedFd,
+    sockaddr: &SocketAddrUnix,
+    path: Option<&Path>,
+) -> io::Result<()> {
+    match rnet::bind(fd, sockaddr) {
+        Ok(()) => Ok(()),
+        Err(Errno::ADDRINUSE) => match path {
+            Some(path) if is_stale_socket(path) => {
+                std::fs::remove_file(path)?;
+                Ok(rnet::bind(fd, sockaddr)?)
+            }
+            _ => Err(Errno::ADDRINUSE.into()),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A listening channel socket; a socket file it created goes with it.
 #[derive(Debug)]
 pub(crate) struct Listener {
     fd: OwnedFd,
-    bound_file: Option<(PathBuf, u64, u64)>,
+    _file: Option<SocketFile>,
 }
 
 impl Listener {
     pub fn bind(addr: &Address) -> io::Result<Listener> {
         let fd = seqpacket_socket()?;
-        let sockaddr = addr.sockaddr()?;
-        match rnet::bind(&fd, &sockaddr) {
-            Ok(()) => {}
-            Err(Errno::ADDRINUSE) => match addr {
-                Address::Path(path) if is_stale_socket(path) => {
-                    std::fs::remove_file(path)?;
-                    rnet::bind(&fd, &sockaddr)?;
-                }
-                _ => return Err(Errno::ADDRINUSE.into()),
-            },
-            Err(e) => return Err(e.into()),
-        }
-        rnet::listen(&fd, 128)?;
-        let bound_file = match addr {
-            Address::Path(path) => {
-                let st = rustix::fs::stat(path.as_path())?;
-                Some((path.clone(), st.st_dev, st.st_ino))
-            }
+        let path = match addr {
+            Address::Path(p) => Some(p.as_path()),
             Address::Name(_) => None,
         };
-        Ok(Listener { fd, bound_file })
+        bind_replacing_stale(&fd, &addr.sockaddr()?, path)?;
+        let file = path.map(SocketFile::record).transpose()?;
+        rnet::listen(&fd, 128)?;
+        Ok(Listener { fd, _file: file })
     }
 
     pub fn accept(&self, nonblocking: bool) -> io::Result<Transport> {
@@ -572,18 +607,6 @@ impl Listener {
     }
 }
 
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let Some((path, dev, ino)) = &self.bound_file {
-            if let Ok(st) = rustix::fs::stat(path.as_path()) {
-                if st.st_dev == *dev && st.st_ino == *ino {
-                    let _ = std::fs::remove_file(path);
-                }
-            }
-        }
-    }
-}
-
 /// A socket file nobody listens on any more: safe to replace.
 fn is_stale_socket(path: &Path) -> bool {
     let Ok(st) = rustix::fs::lstat(path) else {
@@ -602,4 +625,209 @@ fn is_stale_socket(path: &Path) -> bool {
         matches!(rnet::connect(&fd, &addr), Err(Errno::CONNREFUSED))
     };
     probe(RawType::SEQPACKET) && probe(RawType::STREAM)
+}
+
+pub(crate) const EAFNOSUPPORT: i32 = libc::EAFNOSUPPORT;
+
+/// A bound TCP or UDP socket, described by its real local address.
+pub(crate) fn bind_inet(
+    addr: std::net::SocketAddr,
+    udp: bool,
+    dual_stack: bool,
+    backlog: i32,
+) -> io::Result<(OwnedFd, String, Option<SocketFile>)> {
+    let family = if addr.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let ty = if udp { RawType::DGRAM } else { RawType::STREAM };
+    let fd = rnet::socket_with(family, ty, SocketFlags::CLOEXEC, None)?;
+    // Inet only: lets a restarted server bind while old connections linger
+    // in TIME_WAIT. Never on Unix sockets, where it means nothing useful.
+    rnet::sockopt::set_socket_reuseaddr(&fd, true)?;
+    if addr.is_ipv6() {
+        rnet::sockopt::set_ipv6_v6only(&fd, !dual_stack)?;
+    }
+    rnet::bind(&fd, &addr)?;
+    if !udp {
+        rnet::listen(&fd, backlog)?;
+    }
+    let local = std::net::SocketAddr::try_from(rnet::getsockname(&fd)?)
+        .map(|a| format!("{}{a}", if udp { "udp:" } else { "" }))
+        .unwrap_or_else(|_| addr.to_string());
+    Ok((fd, local, None))
+}
+
+/// A bound Unix socket on a path or an abstract name.
+pub(crate) fn bind_unix(
+    addr: &crate::listen::ListenAddr,
+    options: &crate::listen::ListenOptions,
+) -> io::Result<(OwnedFd, String, Option<SocketFile>)> {
+    use crate::listen::{ListenAddr, UnixType};
+    let (sockaddr, path, ty, local) = match addr {
+        ListenAddr::UnixPath(p, ty) => (
+            SocketAddrUnix::new(p.as_path())?,
+            Some(p.as_path()),
+            *ty,
+            p.display().to_string(),
+        ),
+        ListenAddr::UnixAbstract(n, ty) => (
+            SocketAddrUnix::new_abstract_name(n.as_bytes())?,
+            None,
+            *ty,
+            format!("@{n}"),
+        ),
+        _ => return Err(io::ErrorKind::InvalidInput.into()),
+    };
+    let raw_type = match ty {
+        UnixType::Stream => RawType::STREAM,
+        UnixType::Datagram => RawType::DGRAM,
+        UnixType::SeqPacket => RawType::SEQPACKET,
+    };
+    let fd = rnet::socket_with(AddressFamily::UNIX, raw_type, SocketFlags::CLOEXEC, None)?;
+    bind_replacing_stale(&fd, &sockaddr, path)?;
+    let file = path.map(SocketFile::record).transpose()?;
+    if let Some(path) = path {
+        if let Some(mode) = options.socket_mode {
+            rustix::fs::chmod(path, rustix::fs::Mode::from_raw_mode(mode))?;
+        }
+        if let Some((uid, gid)) = options.socket_owner {
+            rustix::fs::chown(
+                path,
+                uid.map(|u| rustix::fs::Uid::from_raw(u)),
+                gid.map(|g| rustix::fs::Gid::from_raw(g)),
+            )?;
+        }
+    }
+    if ty != UnixType::Datagram {
+        rnet::listen(&fd, options.backlog)?;
+    }
+    Ok((fd, local, file))
+}
+
+/// A datagram from a NOTIFY_SOCKET sender, with kernel-given credentials.
+pub(crate) struct RawNotification {
+    pub pid: u32,
+    pub uid: u32,
+    pub payload: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// The receiving end of the sd_notify protocol: an abstract datagram
+/// socket with SO_PASSCRED, so every message comes with the sender's pid.
+#[derive(Debug)]
+pub(crate) struct NotifyReceiver {
+    fd: OwnedFd,
+    address: String,
+}
+
+impl NotifyReceiver {
+    pub fn bind_unique() -> io::Result<NotifyReceiver> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "handover/notify/{}/{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let fd = rnet::socket_with(
+            AddressFamily::UNIX,
+            RawType::DGRAM,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )?;
+        rnet::bind(&fd, &SocketAddrUnix::new_abstract_name(name.as_bytes())?)?;
+        rnet::sockopt::set_socket_passcred(&fd, true)?;
+        Ok(NotifyReceiver {
+            fd,
+            address: format!("@{name}"),
+        })
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// One datagram, or None when nothing is queued. Descriptors are
+    /// closed unless `keep_fds`; truncated datagrams are dropped whole.
+    pub fn recv(&self, keep_fds: bool) -> io::Result<Option<RawNotification>> {
+        const SPACE: usize = rustix::cmsg_space!(ScmRights(253), ScmCredentials(1));
+        loop {
+            let mut buf = vec![0u8; 4096];
+            let mut space = [MaybeUninit::<u8>::uninit(); SPACE];
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let msg = {
+                let mut iov = [IoSliceMut::new(&mut buf)];
+                match rnet::recvmsg(
+                    &self.fd,
+                    &mut iov,
+                    &mut control,
+                    RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+                ) {
+                    Ok(m) => m,
+                    Err(Errno::AGAIN) => return Ok(None),
+                    Err(Errno::INTR) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            let mut fds = Vec::new();
+            let mut cred = None;
+            for m in control.drain() {
+                match m {
+                    RecvAncillaryMessage::ScmRights(it) => fds.extend(it),
+                    RecvAncillaryMessage::ScmCredentials(c) => cred = Some(c),
+                    _ => {}
+                }
+            }
+            let Some(cred) = cred else { continue };
+            if msg.flags.contains(ReturnFlags::TRUNC) || msg.flags.contains(ReturnFlags::CTRUNC) {
+                continue;
+            }
+            buf.truncate(msg.bytes);
+            if !keep_fds {
+                fds.clear();
+            }
+            return Ok(Some(RawNotification {
+                pid: rustix::process::Pid::as_raw(Some(cred.pid)) as u32,
+                uid: cred.uid.as_raw(),
+                payload: buf,
+                fds,
+            }));
+        }
+    }
+}
+
+/// Sends one sd_notify datagram to `target` ("@abstract" or a path).
+pub(crate) fn notify_send(target: &str, payload: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let addr = match target.strip_prefix('@') {
+        Some(name) => SocketAddrUnix::new_abstract_name(name.as_bytes())?,
+        None => SocketAddrUnix::new(target)?,
+    };
+    let fd = rnet::socket_with(
+        AddressFamily::UNIX,
+        RawType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(253))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many descriptors",
+        ));
+    }
+    rnet::sendmsg_addr(
+        &fd,
+        &addr,
+        &[IoSlice::new(payload)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
+    Ok(())
 }

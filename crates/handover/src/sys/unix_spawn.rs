@@ -64,7 +64,7 @@ impl Stage {
             Stage::Uid => "setting the user id",
             Stage::Chdir => "changing directory",
             Stage::Exec => "executing the program",
-            Stage::Setsid => "starting a new session",
+            Stage::Setsid => "setting the session, process group or parent-death signal",
         }
     }
 }
@@ -112,6 +112,9 @@ pub(crate) struct Plan {
     uid: Option<libc::uid_t>,
     cwd: Option<CString>,
     setsid: bool,
+    process_group: bool,
+    parent_death_signal: Option<c_int>,
+    parent_pid: libc::pid_t,
     failed_errno: AtomicI32,
     failed_stage: AtomicU8,
 }
@@ -131,6 +134,8 @@ pub(crate) struct PlanSpec<'a> {
     pub uid: Option<u32>,
     pub cwd: Option<&'a OsStr>,
     pub setsid: bool,
+    pub process_group: bool,
+    pub parent_death_signal: Option<c_int>,
 }
 
 fn cstring(s: &OsStr, what: &str) -> io::Result<CString> {
@@ -201,6 +206,9 @@ impl Plan {
             uid: spec.uid,
             cwd: spec.cwd.map(|c| cstring(c, "the directory")).transpose()?,
             setsid: spec.setsid,
+            process_group: spec.process_group,
+            parent_death_signal: spec.parent_death_signal,
+            parent_pid: std::process::id() as libc::pid_t,
             failed_errno: AtomicI32::new(0),
             failed_stage: AtomicU8::new(0),
         })
@@ -357,6 +365,18 @@ unsafe fn child_setup(plan: &mut Plan) -> Result<(), (Stage, c_int)> {
     if plan.setsid && libc::setsid() < 0 {
         return Err(fail(Stage::Setsid));
     }
+    if plan.process_group && !plan.setsid && libc::setpgid(0, 0) < 0 {
+        return Err(fail(Stage::Setsid));
+    }
+    if let Some(sig) = plan.parent_death_signal {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) < 0 {
+            return Err(fail(Stage::Setsid));
+        }
+        // The parent may have died before the prctl took effect.
+        if libc::getppid() != plan.parent_pid {
+            libc::_exit(1);
+        }
+    }
 
     // Move every source above every target first, so that placing one
     // descriptor can never overwrite another that is still to be placed.
@@ -509,6 +529,8 @@ pub(crate) fn spawn_child(
         uid: cmd.unix.uid,
         cwd: cmd.cwd().map(|p| p.as_os_str()),
         setsid: cmd.unix.setsid,
+        process_group: cmd.unix.process_group,
+        parent_death_signal: cmd.unix.parent_death_signal,
     })
     .map_err(|e| crate::Error::InvalidInput {
         what: "command",
@@ -603,6 +625,8 @@ mod tests {
             uid: None,
             cwd: None,
             setsid: false,
+            process_group: false,
+            parent_death_signal: None,
         };
         let p = Plan::new(spec(vec![(10, 3), (11, 7)])).unwrap();
         assert_eq!(p.close, vec![(4, 6), (8, u32::MAX)]);
