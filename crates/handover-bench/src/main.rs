@@ -1,1 +1,53 @@
-fn main() {}
+//! handover's benchmark program. Each scenario is a subcommand and a
+//! module; all of them report through [`report`], as a table of figures
+//! side by side with a baseline, or as one JSON object (`--json`).
+//!
+//! ```text
+//! cargo run --release -p handover-bench -- channel [--json]
+//! ```
+
+mod channel;
+mod report;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "handover's benchmarks: every figure side by side with its baseline")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Handles per second over one connection at 1, 16 and 253 handles per
+    /// message, and one handle's round trip, against a plain sendmsg loop,
+    /// sendfd and passfd.
+    Channel(channel::Args),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    raise_nofile_limit();
+    match &cli.scenario {
+        Scenario::Channel(args) => channel::run(args),
+    }
+}
+
+/// Raises the soft limit on open descriptors to the hard limit: descriptors
+/// in flight count against it, and so does a burst of received ones.
+fn raise_nofile_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return;
+    }
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    if let Err(e) = setrlimit(Resource::Nofile, raised) {
+        eprintln!("warning: could not raise RLIMIT_NOFILE to the hard limit: {e}");
+    }
+}

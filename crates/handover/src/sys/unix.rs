@@ -695,8 +695,8 @@ pub(crate) fn bind_unix(
         if let Some((uid, gid)) = options.socket_owner {
             rustix::fs::chown(
                 path,
-                uid.map(|u| rustix::fs::Uid::from_raw(u)),
-                gid.map(|g| rustix::fs::Gid::from_raw(g)),
+                uid.map(rustix::fs::Uid::from_raw),
+                gid.map(rustix::fs::Gid::from_raw),
             )?;
         }
     }
