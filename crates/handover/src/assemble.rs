@@ -21,7 +21,8 @@ pub(crate) struct Limits {
 /// One frame as it came off the transport.
 pub(crate) struct Arrival<'a, T> {
     pub frame: &'a [u8],
-    pub handles: Vec<T>,
+    /// Drained by `push` on every path: moved into the message, or dropped.
+    pub handles: &'a mut Vec<T>,
     /// The kernel cut the control data (MSG_CTRUNC).
     pub control_truncated: bool,
     /// The frame did not fit the receive buffer (MSG_TRUNC).
@@ -66,6 +67,16 @@ pub(crate) struct Assembler<T> {
     ready: Option<Assembled<T>>,
 }
 
+/// Clears the borrowed handle buffer when dropped, closing whatever no
+/// path has taken.
+struct Dropper<'a, T>(&'a mut Vec<T>);
+
+impl<T> Drop for Dropper<'_, T> {
+    fn drop(&mut self) {
+        self.0.clear();
+    }
+}
+
 /// Never preallocate more than this on a peer's say-so.
 const PREALLOC_LIMIT: usize = 64 * 1024;
 
@@ -107,6 +118,11 @@ impl<T> Assembler<T> {
             frame_truncated,
         } = arrival;
         let received = handles.len();
+        // Whatever happens below, no handle stays behind in the caller's
+        // buffer: each path either moves them into the message or drops
+        // (closes) them here.
+        let mut handles = Dropper(handles);
+        let handles = &mut handles;
         // The header alone, for deciding what to skip when the rest is bad.
         let guess = wire::decode_header(frame).ok();
 
@@ -115,7 +131,7 @@ impl<T> Assembler<T> {
         if let State::Skipping { seq } = self.state {
             match guess {
                 Some(h) if !h.is_first() && h.seq == seq => {
-                    drop(handles);
+                    handles.0.clear();
                     if h.is_last() {
                         self.state = State::Idle;
                     }
@@ -127,7 +143,7 @@ impl<T> Assembler<T> {
 
         if !self.limits.accept_handles && (control_truncated || received > 0) {
             let announced = guess.map_or(0, |h| h.total_handles as usize);
-            drop(handles);
+            handles.0.clear();
             return self.fail(
                 guess,
                 Error::HandlesRefused {
@@ -136,17 +152,17 @@ impl<T> Assembler<T> {
             );
         }
         if frame_truncated {
-            drop(handles);
+            handles.0.clear();
             return self.fail(guess, Error::FrameTooLarge { closed: received });
         }
         if control_truncated {
-            drop(handles);
+            handles.0.clear();
             return self.fail(guess, Error::ControlTruncated { closed: received });
         }
         let decoded = match wire::decode(frame) {
             Ok(f) => f,
             Err(e) => {
-                drop(handles);
+                handles.0.clear();
                 return self.fail(guess, Error::Malformed(e));
             }
         };
@@ -162,7 +178,7 @@ impl<T> Assembler<T> {
         }
         let announced = header.frame_handles as usize;
         if received != announced {
-            drop(handles);
+            handles.0.clear();
             let err = if announced == 0 {
                 Error::UnannouncedHandles { received }
             } else {
@@ -254,8 +270,9 @@ impl<T> Assembler<T> {
             .handles
             .extend(
                 handles
-                    .into_iter()
-                    .zip(decoded.records)
+                    .0
+                    .drain(..)
+                    .zip(decoded.records())
                     .map(|(handle, r)| Part {
                         handle,
                         name: r.name.map(str::to_owned),
@@ -358,9 +375,13 @@ mod tests {
     }
 
     fn arrive<'a>(frame: &'a [u8], n: usize, alive: &Rc<()>) -> Arrival<'a, Tracked> {
+        // Leaked on purpose: a test-only buffer that must outlive the call.
+        let handles = Box::leak(Box::new(
+            (0..n).map(|_| Tracked(alive.clone())).collect::<Vec<_>>(),
+        ));
         Arrival {
             frame,
-            handles: (0..n).map(|_| Tracked(alive.clone())).collect(),
+            handles,
             control_truncated: false,
             frame_truncated: false,
         }

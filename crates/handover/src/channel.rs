@@ -148,7 +148,7 @@ impl Inbox {
         }
         let arrival = Arrival {
             frame: &self.buf[..got.len],
-            handles: std::mem::take(&mut self.fds),
+            handles: &mut self.fds,
             control_truncated: got.control_truncated,
             frame_truncated: got.frame_truncated,
         };

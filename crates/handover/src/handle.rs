@@ -3,7 +3,6 @@
 use std::fmt;
 use std::fs::File;
 use std::net::{TcpListener, TcpStream, UdpSocket};
-use std::sync::OnceLock;
 
 use crate::sys;
 
@@ -99,25 +98,24 @@ impl fmt::Display for SocketInfo {
 pub struct Handle {
     pub(crate) raw: sys::OwnedRaw,
     name: Option<String>,
-    kind: OnceLock<HandleKind>,
+    kind: HandleKind,
 }
 
 impl Handle {
+    /// A handle made in this process: the OS is asked what it is, once,
+    /// here, so that sending it later costs no extra system calls.
     pub(crate) fn from_raw(raw: sys::OwnedRaw) -> Handle {
+        let kind = sys::detect_kind(&raw).unwrap_or(HandleKind::Other);
         Handle {
             raw,
             name: None,
-            kind: OnceLock::new(),
+            kind,
         }
     }
 
     /// A received handle: the kind is what the sender declared.
     pub(crate) fn received(raw: sys::OwnedRaw, name: Option<String>, kind: HandleKind) -> Handle {
-        Handle {
-            raw,
-            name,
-            kind: OnceLock::from(kind),
-        }
+        Handle { raw, name, kind }
     }
 
     /// Gives the handle a name, which travels with it. Names are checked when
@@ -132,13 +130,11 @@ impl Handle {
         self.name.as_deref()
     }
 
-    /// What the handle is. For a handle made in this process the OS is asked
-    /// once and the answer kept; for a received handle this is what the
-    /// sender declared. The typed `into_*` conversions always ask the OS.
+    /// What the handle is. For a handle made in this process the OS was
+    /// asked when the `Handle` was made; for a received handle this is what
+    /// the sender declared. The typed `into_*` conversions always ask the OS.
     pub fn kind(&self) -> HandleKind {
-        *self
-            .kind
-            .get_or_init(|| sys::detect_kind(&self.raw).unwrap_or(HandleKind::Other))
+        self.kind
     }
 
     /// Asks the OS what the handle is now, ignoring any declared kind.
@@ -151,7 +147,7 @@ impl Handle {
         Ok(Handle {
             raw: sys::duplicate(&self.raw)?,
             name: self.name.clone(),
-            kind: self.kind.clone(),
+            kind: self.kind,
         })
     }
 
@@ -207,7 +203,7 @@ impl fmt::Debug for Handle {
         f.debug_struct("Handle")
             .field("raw", &self.raw)
             .field("name", &self.name)
-            .field("kind", &self.kind.get())
+            .field("kind", &self.kind)
             .finish()
     }
 }

@@ -60,19 +60,22 @@ impl FrameHeader {
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&MAGIC);
-        out.push(VERSION);
-        out.push(FRAME_MESSAGE);
-        out.extend_from_slice(&self.flags.to_le_bytes());
-        for field in [
+        let mut head = [0u8; HEADER_LEN];
+        head[..4].copy_from_slice(&MAGIC);
+        head[4] = VERSION;
+        head[5] = FRAME_MESSAGE;
+        head[6..8].copy_from_slice(&self.flags.to_le_bytes());
+        let fields = [
             self.seq,
             self.total_handles,
             self.total_bytes,
             self.frame_handles,
             self.frame_bytes,
-        ] {
-            out.extend_from_slice(&field.to_le_bytes());
+        ];
+        for (i, field) in fields.iter().enumerate() {
+            head[8 + 4 * i..12 + 4 * i].copy_from_slice(&field.to_le_bytes());
         }
+        out.extend_from_slice(&head);
     }
 }
 
@@ -96,11 +99,13 @@ impl Record<'_> {
     pub fn encode(&self, out: &mut Vec<u8>) {
         let (kind, family, socket_type, flags) = kind_to_wire(self.kind);
         let name = self.name.unwrap_or("");
-        out.extend_from_slice(&[kind, family, socket_type, flags]);
-        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
-        out.extend_from_slice(&(self.extra.len() as u16).to_le_bytes());
-        out.extend_from_slice(&self.value.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
+        let mut fixed = [0u8; RECORD_LEN];
+        fixed[..4].copy_from_slice(&[kind, family, socket_type, flags]);
+        fixed[4..6].copy_from_slice(&(name.len() as u16).to_le_bytes());
+        fixed[6..8].copy_from_slice(&(self.extra.len() as u16).to_le_bytes());
+        fixed[8..12].copy_from_slice(&self.value.to_le_bytes());
+        // Bytes 12..16 are reserved and stay zero.
+        out.extend_from_slice(&fixed);
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(self.extra);
     }
@@ -147,8 +152,48 @@ pub enum DecodeError {
 #[derive(Debug)]
 pub struct Frame<'a> {
     pub header: FrameHeader,
-    pub records: Vec<Record<'a>>,
+    /// The handle records, already validated by [`decode`].
+    records: &'a [u8],
     pub payload: &'a [u8],
+}
+
+impl<'a> Frame<'a> {
+    /// The handle records, in order. [`decode`] checked every one, so this
+    /// yields exactly `header.frame_handles` of them without allocating.
+    pub fn records(&self) -> Records<'a> {
+        Records {
+            rest: self.records,
+            index: 0,
+            count: self.header.frame_handles as usize,
+        }
+    }
+}
+
+/// An iterator over a validated frame's records.
+#[derive(Clone, Debug)]
+pub struct Records<'a> {
+    rest: &'a [u8],
+    index: usize,
+    count: usize,
+}
+
+impl<'a> Iterator for Records<'a> {
+    type Item = Record<'a>;
+
+    fn next(&mut self) -> Option<Record<'a>> {
+        if self.index == self.count {
+            return None;
+        }
+        let (record, rest) = decode_record(self.rest, self.index).ok()?;
+        self.rest = rest;
+        self.index += 1;
+        Some(record)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.count - self.index;
+        (left, Some(left))
+    }
 }
 
 /// Decodes one frame. Never panics, whatever the bytes.
@@ -157,12 +202,10 @@ pub fn decode(buf: &[u8]) -> Result<Frame<'_>, DecodeError> {
         return Err(DecodeError::FrameTooLong(buf.len()));
     }
     let header = decode_header(buf)?;
-    let mut records = Vec::with_capacity(header.frame_handles as usize);
-    let mut rest = &buf[HEADER_LEN..];
+    let all = &buf[HEADER_LEN..];
+    let mut rest = all;
     for index in 0..header.frame_handles as usize {
-        let (record, tail) = decode_record(rest, index)?;
-        records.push(record);
-        rest = tail;
+        rest = decode_record(rest, index)?.1;
     }
     if rest.len() != header.frame_bytes as usize {
         return Err(DecodeError::PayloadLength {
@@ -172,7 +215,7 @@ pub fn decode(buf: &[u8]) -> Result<Frame<'_>, DecodeError> {
     }
     Ok(Frame {
         header,
-        records,
+        records: &all[..all.len() - rest.len()],
         payload: rest,
     })
 }
@@ -464,7 +507,7 @@ mod tests {
         assert_eq!(bytes.len(), HEADER_LEN + 2 * RECORD_LEN + 4 + 3 + 5);
         let f = decode(&bytes).unwrap();
         assert_eq!(f.header, header(2, 5));
-        assert_eq!(f.records, records);
+        assert_eq!(f.records().collect::<Vec<_>>(), records);
         assert_eq!(f.payload, b"hello");
     }
 

@@ -40,11 +40,26 @@ fn a_child_sees_exactly_its_descriptors() {
         .contains(rustix::io::FdFlags::CLOEXEC)));
     let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
     let u = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let mut cmd = Command::new("sh");
+    // The child lists its own open descriptors with fcntl, which opens
+    // nothing itself (a shell or ls would show their own).
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+        .env("HANDOVER_TEST_ROLE", "list-fds");
     cmd.activation(Handle::from(l1).with_name("http")).unwrap();
     cmd.activation(Handle::from(u).with_name("dns")).unwrap();
-    let out = sh_output(&mut cmd, "ls /proc/$$/fd | sort -n | tr '\\n' ' '");
-    assert_eq!(out.trim(), "0 1 2 3 4");
+    let (r, w) = pipe();
+    cmd.fd(1, Handle::from(w));
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd);
+    let mut out = String::new();
+    std::fs::File::from(r).read_to_string(&mut out).unwrap();
+    assert!(child.wait().unwrap().success(), "{out}");
+    // libtest prints "test child_entry ... " on the same line first.
+    let line = out
+        .lines()
+        .find_map(|l| l.split_once("open: "))
+        .map(|(_, fds)| fds);
+    assert_eq!(line, Some("0 1 2 3 4"), "{out}");
     drop(leaky);
 }
 
@@ -175,6 +190,15 @@ fn take_from_follows_the_rules() {
 #[test]
 fn child_entry() {
     let Some(role) = child_role() else { return };
+    if role == "list-fds" {
+        let open: Vec<String> = (0..4096)
+            // SAFETY: F_GETFD only asks whether a number is open.
+            .filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0)
+            .map(|fd| fd.to_string())
+            .collect();
+        println!("\nopen: {}", open.join(" "));
+        return;
+    }
     let mut sockets = activation::take().expect("activation");
     for var in [
         "LISTEN_PID",
