@@ -51,7 +51,9 @@ fn hand_over(
         "connected peer is pid {peer}, not our child {child_pid}"
     );
     channel.send(b"serve this", &[Handle::from(listener).with_name("http")])?;
-    println!("[demo] handed the listener to pid {peer} over a channel; this process no longer holds it");
+    println!(
+        "[demo] handed the listener to pid {peer} over a channel; this process no longer holds it"
+    );
 
     let mut stream = TcpStream::connect(addr).context("connecting to the handed-over listener")?;
     stream.set_read_timeout(Some(WAIT))?;
@@ -66,7 +68,10 @@ fn hand_over(
         "unexpected response: {response:?}"
     );
     let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
-    println!("[demo] GET http://{addr}/ -> {status_line}: {}", body.trim());
+    println!(
+        "[demo] GET http://{addr}/ -> {status_line}: {}",
+        body.trim()
+    );
     Ok(())
 }
 

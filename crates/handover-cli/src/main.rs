@@ -1,12 +1,17 @@
 //! `handover`: the command-line tool.
 
 mod demo;
+mod run;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "handover", version, about = "Hand sockets and other handles between processes")]
+#[command(
+    name = "handover",
+    version,
+    about = "Hand sockets and other handles between processes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,6 +23,9 @@ enum Command {
     /// channel to a second process, and that process serves a real HTTP
     /// request through it.
     Demo,
+    /// Bind sockets and run PROGRAM on them by the socket-activation
+    /// protocol (LISTEN_FDS), staying as its supervisor.
+    Run(run::RunArgs),
     /// The second process of `handover demo` (internal).
     #[command(hide = true)]
     DemoServer {
@@ -27,16 +35,36 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = real_main() {
+        // Each cause once: library errors already quote their OS error.
+        let mut message = String::new();
+        for cause in e.chain() {
+            let cause = cause.to_string();
+            if !message.ends_with(&cause) {
+                if !message.is_empty() {
+                    message.push_str(": ");
+                }
+                message.push_str(&cause);
+            }
+        }
+        eprintln!("handover: error: {message}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HANDOVER_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::Demo => demo::run(),
         Command::DemoServer { channel } => demo::serve(&channel),
+        Command::Run(args) => run::run(args),
     }
 }

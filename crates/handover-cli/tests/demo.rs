@@ -14,7 +14,10 @@ fn demo_serves_a_request_through_a_handed_over_listener() {
         "demo failed: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("-> HTTP/1.1 200 OK: served by pid"), "{stdout}");
+    assert!(
+        stdout.contains("-> HTTP/1.1 200 OK: served by pid"),
+        "{stdout}"
+    );
     // The server's pid differs from the binder's: it really crossed processes.
     let bound_pid = stdout
         .split("in pid ")

@@ -35,6 +35,12 @@ use crate::handle::Handle;
 use crate::spawn::ACTIVATION_VARS;
 use crate::sys;
 
+/// Checks a LISTEN_FDNAMES name: 1 to 255 printable ASCII characters
+/// other than `:`.
+pub fn check_name(name: &str) -> Result<()> {
+    crate::spawn::check_fdname(name)
+}
+
 /// The first descriptor of the protocol.
 pub const LISTEN_FDS_START: i32 = 3;
 

@@ -119,10 +119,11 @@ impl NotifySocket {
             handles: raw.fds.into_iter().map(Handle::from_raw).collect(),
         }))
     }
+}
 
-    /// Borrowed for polling.
-    #[cfg(unix)]
-    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+#[cfg(unix)]
+impl std::os::fd::AsFd for NotifySocket {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.inner.as_fd()
     }
 }

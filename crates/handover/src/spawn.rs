@@ -175,6 +175,12 @@ impl Command {
             .collect()
     }
 
+    /// Where the program will be found, or [`Error::ProgramNotFound`]:
+    /// lets a caller report a missing program before doing anything else.
+    pub fn resolved_program(&self) -> Result<PathBuf> {
+        self.resolve_program()
+    }
+
     fn resolve_program(&self) -> Result<PathBuf> {
         let program = Path::new(&self.program);
         let not_found = || Error::ProgramNotFound {

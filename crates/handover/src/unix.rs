@@ -193,3 +193,16 @@ impl ChildExt for Child {
         self.inner.pidfd.as_ref().map(|fd| fd.as_fd())
     }
 }
+
+/// Claims descriptor `fd`, inherited from the parent process, as an owned
+/// handle, after checking that it is open; it is marked close-on-exec.
+///
+/// # Safety
+///
+/// Nothing else in this process may own descriptor `fd` (no `OwnedFd`,
+/// `File`, socket, …), and it must not be claimed twice: the returned
+/// handle closes it when dropped.
+pub unsafe fn take_inherited(fd: i32) -> crate::Result<Handle> {
+    let mut fds = sys::adopt_inherited(fd, 1)?;
+    Ok(Handle::from_raw(fds.remove(0)))
+}
