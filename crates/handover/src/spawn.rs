@@ -190,7 +190,7 @@ impl Command {
             return Err(not_found());
         }
         if self.program.as_encoded_bytes().contains(&b'/') {
-            return if program.exists() {
+            return if sys::is_executable(program) {
                 Ok(program.to_owned())
             } else {
                 Err(not_found())

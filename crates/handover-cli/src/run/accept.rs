@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::os::fd::OwnedFd;
 
 use anyhow::{bail, Context, Result};
-use handover::listen::Bound;
+use handover::listen::{Bound, ListenAddr, ListenSpec, UnixType};
 use handover::unix::{ChildExt, CommandExt};
 use handover::{Handle, HandleKind, SocketType};
 use rustix::event::{poll, PollFd, PollFlags};
@@ -15,6 +15,27 @@ use rustix::net::{SocketAddrAny, SocketFlags};
 use super::signals::{self, Signals};
 use super::supervise::{become_subreaper, reap_all};
 use super::Program;
+
+/// Checks, before anything is bound, that accept mode can work with these
+/// sockets: they must be stream sockets.
+pub fn check(specs: &[ListenSpec], max: Option<usize>) -> Result<()> {
+    for spec in specs {
+        let stream = matches!(
+            spec.addr,
+            ListenAddr::Tcp(_)
+                | ListenAddr::TcpAny(_)
+                | ListenAddr::UnixPath(_, UnixType::Stream)
+                | ListenAddr::UnixAbstract(_, UnixType::Stream)
+        );
+        if !stream {
+            bail!("--accept and --inetd need stream sockets (TCP or Unix stream); {spec:?} is not one");
+        }
+    }
+    if max == Some(0) {
+        bail!("--max-connections must be at least 1");
+    }
+    Ok(())
+}
 
 pub fn serve(program: &Program, bound: &[Bound], inetd: bool, max: Option<usize>) -> Result<()> {
     for b in bound {
@@ -26,9 +47,6 @@ pub fn serve(program: &Program, bound: &[Bound], inetd: bool, max: Option<usize>
             bail!("--accept and --inetd need stream sockets; {b} is not one");
         }
         rustix::io::ioctl_fionbio(b.handle(), true).context("making a listener non-blocking")?;
-    }
-    if max == Some(0) {
-        bail!("--max-connections must be at least 1");
     }
     let signals = Signals::install()?;
     become_subreaper();
@@ -63,6 +81,10 @@ pub fn serve(program: &Program, bound: &[Bound], inetd: bool, max: Option<usize>
                     for (pid, status) in reap_all() {
                         if running.remove(&pid) {
                             tracing::debug!(pid, %status, "connection handler exited");
+                            // What the handler left in its process group
+                            // goes with it, as systemd does per instance.
+                            // SAFETY: kill on a process group id.
+                            unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGTERM) };
                         }
                     }
                     children.retain(|c: &handover::Child| running.contains(&c.id()));
@@ -80,6 +102,7 @@ pub fn serve(program: &Program, bound: &[Bound], inetd: bool, max: Option<usize>
             }
         }
         if stopping.is_some() && running.is_empty() {
+            super::supervise::clean_up(std::process::id());
             return Ok(());
         }
         if !accepting {
@@ -122,7 +145,8 @@ fn start(
 ) -> Result<handover::Child> {
     let mut cmd = program.command();
     if let Some(addr) = peer.and_then(|a| std::net::SocketAddr::try_from(a).ok()) {
-        cmd.env("REMOTE_ADDR", addr.ip().to_string())
+        // An IPv4 client of a dual-stack socket is reported as IPv4.
+        cmd.env("REMOTE_ADDR", addr.ip().to_canonical().to_string())
             .env("REMOTE_PORT", addr.port().to_string());
     }
     cmd.env_remove("NOTIFY_SOCKET");

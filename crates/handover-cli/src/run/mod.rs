@@ -149,12 +149,21 @@ pub fn run(args: RunArgs) -> Result<()> {
         .resolved_program()
         .with_context(|| format!("cannot run {:?}", program.name()))?;
 
+    let accept_mode = args.accept || args.inetd;
+    if accept_mode {
+        if !inherited.is_empty() {
+            bail!("--fd cannot be combined with --accept or --inetd");
+        }
+        accept::check(&specs, args.max_connections)?;
+    } else if args.max_connections.is_some() {
+        bail!("--max-connections needs --accept or --inetd");
+    }
+
     let bound: Vec<Bound> = specs
         .iter()
         .map(|spec| listen::bind(spec, &options))
         .collect::<Result<_, _>>()?;
 
-    let accept_mode = args.accept || args.inetd;
     let mut stdout = std::io::stdout().lock();
     for (i, b) in bound.iter().enumerate() {
         if accept_mode {
@@ -168,14 +177,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     drop(stdout);
 
     if accept_mode {
-        if !inherited.is_empty() {
-            bail!("--fd cannot be combined with --accept or --inetd");
-        }
-        let inetd = args.inetd;
-        return accept::serve(&program, &bound, inetd, args.max_connections);
-    }
-    if args.max_connections.is_some() {
-        bail!("--max-connections needs --accept or --inetd");
+        return accept::serve(&program, &bound, args.inetd, args.max_connections);
     }
     let mut handles = Vec::new();
     for b in &bound {

@@ -27,9 +27,7 @@ pub fn run(program: &Program, handles: Vec<Handle>, bound: Vec<Bound>) -> Result
     for h in handles {
         cmd.activation(h)?;
     }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {:?}", program.name()))?;
+    let child = cmd.spawn()?;
     // The sockets stay open here as well: they are ours to keep across
     // restarts, and the kernel keeps queueing connections even while no
     // program is accepting.
@@ -113,7 +111,7 @@ pub fn run(program: &Program, handles: Vec<Handle>, bound: Vec<Bound>) -> Result
         }
     };
     tracing::info!(pid, %status, "exited");
-    clean_up_group(pid);
+    clean_up(pid);
     drop(bound);
     signals::exit_like(status)
 }
@@ -148,22 +146,58 @@ pub fn reap_all() -> Vec<(u32, ExitStatus)> {
     }
 }
 
-/// Whatever the program left running in its process group is asked to
-/// stop, then killed, and reaped.
-fn clean_up_group(pgid: u32) {
+/// Whatever the program left behind — in its process group, or re-parented
+/// to us because we are a subreaper — is asked to stop, then killed, and
+/// reaped, so that handover never exits leaving an orphan.
+pub fn clean_up(pgid: u32) {
     // SAFETY: kill with a negative pid signals a process group.
-    let alive = |sig| unsafe { libc::kill(-(pgid as libc::pid_t), sig) } == 0;
-    if !alive(libc::SIGTERM) {
-        return;
-    }
+    unsafe { libc::kill(-(pgid as libc::pid_t), libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
+    let mut termed = Vec::new();
+    loop {
         reap_all();
-        if !alive(0) {
+        // SAFETY: signal 0 only checks whether the group still exists.
+        let group_alive = unsafe { libc::kill(-(pgid as libc::pid_t), 0) } == 0;
+        let children = own_children();
+        if !group_alive && children.is_empty() {
             return;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        for &pid in &children {
+            if !termed.contains(&pid) {
+                // SAFETY: kill on a child of ours, which we have not reaped.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                termed.push(pid);
+            }
+        }
+        if Instant::now() >= deadline {
+            // SAFETY: as above, with SIGKILL.
+            unsafe { libc::kill(-(pgid as libc::pid_t), libc::SIGKILL) };
+            for pid in own_children() {
+                // SAFETY: as above.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+            if Instant::now() >= deadline + Duration::from_secs(2) {
+                tracing::warn!("some descendants could not be reaped");
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
-    alive(libc::SIGKILL);
-    reap_all();
+}
+
+/// This process's children, from /proc (every thread's list).
+fn own_children() -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
+            out.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
 }

@@ -347,7 +347,7 @@ unsafe fn reset_signals() {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
         }
-        libc::signal(sig, libc::SIG_DFL);
+        set_default_disposition(sig);
     }
     let mut empty: libc::sigset_t = std::mem::zeroed();
     libc::sigemptyset(&mut empty);
@@ -360,6 +360,39 @@ unsafe fn reset_signals() {
     );
 }
 
+/// SIG_DFL through the raw system call: libc's signal() refuses the
+/// signals it reserves for itself (32 and 33), which a parent may still
+/// have left ignored.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+unsafe fn set_default_disposition(sig: c_int) {
+    /// The kernel's struct sigaction on these architectures.
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: libc::c_ulong,
+        restorer: usize,
+        mask: u64,
+    }
+    let act = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    libc::syscall(
+        libc::SYS_rt_sigaction,
+        sig,
+        &act as *const KernelSigaction,
+        std::ptr::null_mut::<KernelSigaction>(),
+        8usize,
+    );
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+unsafe fn set_default_disposition(sig: c_int) {
+    libc::signal(sig, libc::SIG_DFL);
+}
+
 unsafe fn child_setup(plan: &mut Plan) -> Result<(), (Stage, c_int)> {
     let fail = |stage| (stage, errno());
     if plan.setsid && libc::setsid() < 0 {
@@ -368,15 +401,7 @@ unsafe fn child_setup(plan: &mut Plan) -> Result<(), (Stage, c_int)> {
     if plan.process_group && !plan.setsid && libc::setpgid(0, 0) < 0 {
         return Err(fail(Stage::Setsid));
     }
-    if let Some(sig) = plan.parent_death_signal {
-        if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) < 0 {
-            return Err(fail(Stage::Setsid));
-        }
-        // The parent may have died before the prctl took effect.
-        if libc::getppid() != plan.parent_pid {
-            libc::_exit(1);
-        }
-    }
+
 
     // Move every source above every target first, so that placing one
     // descriptor can never overwrite another that is still to be placed.
@@ -427,6 +452,16 @@ unsafe fn child_setup(plan: &mut Plan) -> Result<(), (Stage, c_int)> {
     if let Some(uid) = plan.uid {
         if libc::syscall(libc::SYS_setresuid, uid, uid, uid) < 0 {
             return Err(fail(Stage::Uid));
+        }
+    }
+    // After the credentials change, which clears the parent-death signal.
+    if let Some(sig) = plan.parent_death_signal {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) < 0 {
+            return Err(fail(Stage::Setsid));
+        }
+        // The parent may have died before the prctl took effect.
+        if libc::getppid() != plan.parent_pid {
+            libc::_exit(1);
         }
     }
     if let Some(cwd) = &plan.cwd {
