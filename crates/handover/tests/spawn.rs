@@ -118,13 +118,15 @@ fn spawn_errors_are_clear_and_leave_nothing() {
         let err = Command::new("/nonexistent/x").spawn().unwrap_err();
         assert!(matches!(err, Error::ProgramNotFound { .. }), "{err}");
         // Not executable at all: found out before anything starts.
-        let err = Command::new("/etc/hostname").spawn().unwrap_err();
+        use std::os::unix::fs::PermissionsExt;
+        let bogus = std::env::temp_dir().join(format!("handover-bogus-{}", std::process::id()));
+        std::fs::write(&bogus, [0u8, 1, 2, 3]).unwrap();
+        std::fs::set_permissions(&bogus, PermissionsExt::from_mode(0o644)).unwrap();
+        let err = Command::new(&bogus).spawn().unwrap_err();
         assert!(matches!(err, Error::ProgramNotFound { .. }), "{err}");
         // Marked executable but no program: the failure comes from execve,
         // in the child, and is reported with its stage.
-        let bogus = std::env::temp_dir().join(format!("handover-bogus-{}", std::process::id()));
-        std::fs::write(&bogus, [0u8, 1, 2, 3]).unwrap();
-        std::fs::set_permissions(&bogus, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&bogus, PermissionsExt::from_mode(0o755)).unwrap();
         let err = Command::new(&bogus).spawn().unwrap_err();
         std::fs::remove_file(&bogus).unwrap();
         assert!(
