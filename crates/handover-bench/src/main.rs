@@ -4,8 +4,10 @@
 //!
 //! ```text
 //! cargo run --release -p handover-bench -- channel [--json]
+//! cargo build --release -p handover-cli && cargo run --release -p handover-bench -- accept [--json]
 //! ```
 
+mod accept;
 mod channel;
 mod report;
 
@@ -25,6 +27,11 @@ enum Scenario {
     /// message, and one handle's round trip, against a plain sendmsg loop,
     /// sendfd and passfd.
     Channel(channel::Args),
+    /// Connections per second with one process spawned per connection
+    /// (inetd style, /bin/echo): `handover run --inetd` against
+    /// systemd-socket-activate --inetd. Needs target/release/handover
+    /// (`cargo build --release -p handover-cli`).
+    Accept(accept::Args),
 }
 
 fn main() -> Result<()> {
@@ -32,6 +39,7 @@ fn main() -> Result<()> {
     raise_nofile_limit();
     match &cli.scenario {
         Scenario::Channel(args) => channel::run(args),
+        Scenario::Accept(args) => accept::run(args),
     }
 }
 
