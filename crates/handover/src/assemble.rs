@@ -5,10 +5,14 @@
 //! the handles that came with it, and every path that abandons a message
 //! drops the handles gathered for it: dropping an owned handle closes it, so
 //! nothing leaks, whatever the peer sends.
+//!
+//! Handles arrive already in the form they are delivered in (for a channel,
+//! [`crate::Handle`]s without name or kind yet) and are only given their
+//! records' kinds and names once their frame has passed: a message of one
+//! frame is delivered in the very vector its handles arrived in.
 
 use crate::error::Error;
-use crate::handle::HandleKind;
-use crate::wire::{self, FrameHeader};
+use crate::wire::{self, FrameHeader, KindCodes};
 
 /// What this side is willing to receive.
 #[derive(Clone, Copy, Debug)]
@@ -18,10 +22,22 @@ pub(crate) struct Limits {
     pub max_bytes: usize,
 }
 
+/// A received handle as the assembler keeps it: it arrives without name or
+/// kind, and takes those of its record once its frame has passed.
+pub(crate) trait Slot {
+    fn set_record(&mut self, kind: KindCodes, name: Option<&str>);
+
+    /// [`set_record`](Slot::set_record) for a record without a name, on a
+    /// handle that has none yet.
+    fn set_kind(&mut self, kind: KindCodes) {
+        self.set_record(kind, None);
+    }
+}
+
 /// One frame as it came off the transport.
 pub(crate) struct Arrival<'a, T> {
     pub frame: &'a [u8],
-    /// Drained by `push` on every path: moved into the message, or dropped.
+    /// Emptied by `push` on every path: moved into the message, or dropped.
     pub handles: &'a mut Vec<T>,
     /// The kernel cut the control data (MSG_CTRUNC).
     pub control_truncated: bool,
@@ -29,17 +45,10 @@ pub(crate) struct Arrival<'a, T> {
     pub frame_truncated: bool,
 }
 
-/// A handle as assembled, before it becomes a public [`crate::Handle`].
-pub(crate) struct Part<T> {
-    pub handle: T,
-    pub name: Option<String>,
-    pub kind: HandleKind,
-}
-
 /// A complete message.
 pub(crate) struct Assembled<T> {
     pub bytes: Vec<u8>,
-    pub handles: Vec<Part<T>>,
+    pub handles: Vec<T>,
 }
 
 struct Partial<T> {
@@ -80,7 +89,7 @@ impl<T> Drop for Dropper<'_, T> {
 /// Never preallocate more than this on a peer's say-so.
 const PREALLOC_LIMIT: usize = 64 * 1024;
 
-impl<T> Assembler<T> {
+impl<T: Slot> Assembler<T> {
     pub fn new(limits: Limits) -> Self {
         Assembler {
             limits,
@@ -124,7 +133,8 @@ impl<T> Assembler<T> {
         let mut handles = Dropper(handles);
         let handles = &mut handles;
         // The header alone, for deciding what to skip when the rest is bad.
-        let guess = wire::decode_header(frame).ok();
+        let head = wire::decode_header(frame);
+        let guess = head.as_ref().ok().copied();
 
         // The rest of a message already rejected goes quietly, whatever is
         // wrong with it, so that one bad message is one error.
@@ -159,7 +169,7 @@ impl<T> Assembler<T> {
             handles.0.clear();
             return self.fail(guess, Error::ControlTruncated { closed: received });
         }
-        let decoded = match wire::decode(frame) {
+        let decoded = match wire::decode_with_header(frame, head) {
             Ok(f) => f,
             Err(e) => {
                 handles.0.clear();
@@ -188,6 +198,31 @@ impl<T> Assembler<T> {
                 }
             };
             return self.fail(Some(header), err);
+        }
+
+        // The common case on its own: a whole message in one frame, with
+        // nothing under way, within the limits and adding up. It builds the
+        // message directly; every other frame takes the general path below,
+        // which also names what is wrong.
+        if header.is_first()
+            && header.is_last()
+            && matches!(self.state, State::Idle)
+            && header.total_handles == header.frame_handles
+            && header.total_bytes == header.frame_bytes
+            && self.check_limits(&header).is_ok()
+        {
+            // The arrival's own vector becomes the message's (unless there
+            // is nothing in it: then it keeps its room for the next frame).
+            let mut parts = if handles.0.is_empty() {
+                Vec::new()
+            } else {
+                std::mem::take(handles.0)
+            };
+            set_records(&mut parts, &decoded);
+            return Ok(Some(Assembled {
+                bytes: decoded.payload.to_vec(),
+                handles: parts,
+            }));
         }
 
         let mut abandoned = None;
@@ -265,20 +300,10 @@ impl<T> Assembler<T> {
         }
 
         partial.message.bytes.extend_from_slice(decoded.payload);
-        partial
-            .message
-            .handles
-            .extend(
-                handles
-                    .0
-                    .drain(..)
-                    .zip(decoded.records())
-                    .map(|(handle, r)| Part {
-                        handle,
-                        name: r.name.map(str::to_owned),
-                        kind: r.kind,
-                    }),
-            );
+        let parts = &mut partial.message.handles;
+        let start = parts.len();
+        parts.append(handles.0);
+        set_records(&mut parts[start..], &decoded);
 
         if !header.is_last() {
             return match abandoned {
@@ -333,14 +358,45 @@ impl<T> Assembler<T> {
     }
 }
 
+/// Gives a frame's handles (exactly as many as it has records, which the
+/// caller has checked) their records' kinds and names.
+#[inline]
+fn set_records<T: Slot>(parts: &mut [T], frame: &wire::Frame<'_>) {
+    if let Some(kinds) = frame.fixed_only_kinds() {
+        // No names: the kinds alone.
+        for (part, kind) in parts.iter_mut().zip(kinds) {
+            part.set_kind(kind);
+        }
+        return;
+    }
+    let mut records = frame.records();
+    for part in parts {
+        let Some((kind, name)) = records.next_codes() else {
+            break;
+        };
+        part.set_record(kind, name);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handle::HandleKind;
     use crate::wire::{Record, FLAG_FIRST, FLAG_LAST};
     use std::rc::Rc;
 
-    /// A handle that counts how many of its kind are alive.
-    struct Tracked(#[allow(dead_code)] Rc<()>);
+    /// A handle that counts how many of its kind are alive, and keeps the
+    /// record it was given.
+    struct Tracked(
+        #[allow(dead_code)] Rc<()>,
+        Option<(HandleKind, Option<String>)>,
+    );
+
+    impl Slot for Tracked {
+        fn set_record(&mut self, kind: KindCodes, name: Option<&str>) {
+            self.1 = Some((kind.kind(), name.map(str::to_owned)));
+        }
+    }
 
     fn limits() -> Limits {
         Limits {
@@ -377,7 +433,9 @@ mod tests {
     fn arrive<'a>(frame: &'a [u8], n: usize, alive: &Rc<()>) -> Arrival<'a, Tracked> {
         // Leaked on purpose: a test-only buffer that must outlive the call.
         let handles = Box::leak(Box::new(
-            (0..n).map(|_| Tracked(alive.clone())).collect::<Vec<_>>(),
+            (0..n)
+                .map(|_| Tracked(alive.clone(), None))
+                .collect::<Vec<_>>(),
         ));
         Arrival {
             frame,
@@ -397,7 +455,43 @@ mod tests {
         let m = a.push(arrive(&f2, 1, &alive)).unwrap().unwrap();
         assert_eq!(m.bytes, b"abcd");
         assert_eq!(m.handles.len(), 3);
+        for h in &m.handles {
+            assert_eq!(h.1, Some((HandleKind::Pipe, Some("p".to_owned()))));
+        }
         assert_eq!(Rc::strong_count(&alive), 4);
+        drop(m);
+        assert_eq!(Rc::strong_count(&alive), 1);
+    }
+
+    #[test]
+    fn a_one_frame_message_gives_each_handle_its_record() {
+        let alive = Rc::new(());
+        let mut a = Assembler::new(limits());
+        let kinds = [HandleKind::File, HandleKind::Pipe, HandleKind::Other];
+        let mut f = Vec::new();
+        FrameHeader {
+            flags: FLAG_FIRST | FLAG_LAST,
+            seq: 1,
+            total_handles: 3,
+            total_bytes: 1,
+            frame_handles: 3,
+            frame_bytes: 1,
+        }
+        .encode(&mut f);
+        for kind in kinds {
+            Record {
+                kind,
+                name: None,
+                value: 0,
+                extra: &[],
+            }
+            .encode(&mut f);
+        }
+        f.push(b'z');
+        let m = a.push(arrive(&f, 3, &alive)).unwrap().unwrap();
+        assert_eq!(m.bytes, b"z");
+        let got: Vec<_> = m.handles.iter().map(|h| h.1.clone()).collect();
+        assert_eq!(got, kinds.map(|k| Some((k, None))));
         drop(m);
         assert_eq!(Rc::strong_count(&alive), 1);
     }

@@ -72,14 +72,11 @@ pub struct Message {
 }
 
 impl Message {
-    pub(crate) fn from_assembled(m: Assembled<sys::OwnedRaw>) -> Message {
+    #[inline]
+    pub(crate) fn from_assembled(m: Assembled<Handle>) -> Message {
         Message {
             bytes: m.bytes,
-            handles: m
-                .handles
-                .into_iter()
-                .map(|p| Handle::received(p.handle, p.name, p.kind))
-                .collect(),
+            handles: m.handles,
         }
     }
 
@@ -107,8 +104,9 @@ impl PeerCredentials {
 /// State for receiving.
 pub(crate) struct Inbox {
     buf: Vec<u8>,
-    fds: Vec<sys::OwnedRaw>,
-    assembler: Assembler<sys::OwnedRaw>,
+    /// The handles of the frame being read, as they arrived.
+    fds: Vec<Handle>,
+    assembler: Assembler<Handle>,
 }
 
 impl Inbox {
@@ -122,6 +120,7 @@ impl Inbox {
 
     /// Reads frames until a message is complete, an error occurs or the
     /// transport would block (`Ok(None)` then, with `would_block` set).
+    #[inline]
     pub(crate) fn step(&mut self, transport: &Transport, nonblocking: bool) -> Step {
         if let Some(m) = self.assembler.take_ready() {
             return Step::Message(m);
@@ -161,7 +160,7 @@ impl Inbox {
 }
 
 pub(crate) enum Step {
-    Message(Assembled<sys::OwnedRaw>),
+    Message(Assembled<Handle>),
     More,
     WouldBlock,
     Eof,

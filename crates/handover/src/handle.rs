@@ -4,7 +4,9 @@ use std::fmt;
 use std::fs::File;
 use std::net::{TcpListener, TcpStream, UdpSocket};
 
+use crate::assemble::Slot;
 use crate::sys;
+use crate::wire::KindCodes;
 
 /// What an OS handle is. Sent with every handle so that the receiver can
 /// tell a listener from a connection before touching it; typed conversions
@@ -98,7 +100,9 @@ impl fmt::Display for SocketInfo {
 pub struct Handle {
     pub(crate) raw: sys::OwnedRaw,
     name: Option<String>,
-    kind: HandleKind,
+    /// The kind as its wire codes, which is what sending writes and
+    /// receiving reads, so that neither converts it.
+    kind: KindCodes,
 }
 
 impl Handle {
@@ -109,13 +113,19 @@ impl Handle {
         Handle {
             raw,
             name: None,
-            kind,
+            kind: KindCodes::of(kind),
         }
     }
 
-    /// A received handle: the kind is what the sender declared.
-    pub(crate) fn received(raw: sys::OwnedRaw, name: Option<String>, kind: HandleKind) -> Handle {
-        Handle { raw, name, kind }
+    /// A handle just received, before its record is read: no name, and
+    /// kind "other" until [`Slot::set_record`] gives it what the sender
+    /// declared.
+    pub(crate) fn received(raw: sys::OwnedRaw) -> Handle {
+        Handle {
+            raw,
+            name: None,
+            kind: KindCodes::OTHER,
+        }
     }
 
     /// Gives the handle a name, which travels with it. Names are checked when
@@ -134,6 +144,12 @@ impl Handle {
     /// asked when the `Handle` was made; for a received handle this is what
     /// the sender declared. The typed `into_*` conversions always ask the OS.
     pub fn kind(&self) -> HandleKind {
+        self.kind.kind()
+    }
+
+    /// The kind as it goes on the wire.
+    #[inline]
+    pub(crate) fn kind_codes(&self) -> KindCodes {
         self.kind
     }
 
@@ -198,12 +214,25 @@ impl Handle {
     }
 }
 
+impl Slot for Handle {
+    #[inline]
+    fn set_record(&mut self, kind: KindCodes, name: Option<&str>) {
+        self.kind = kind;
+        self.name = name.map(str::to_owned);
+    }
+
+    #[inline]
+    fn set_kind(&mut self, kind: KindCodes) {
+        self.kind = kind;
+    }
+}
+
 impl fmt::Debug for Handle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Handle")
             .field("raw", &self.raw)
             .field("name", &self.name)
-            .field("kind", &self.kind)
+            .field("kind", &self.kind())
             .finish()
     }
 }

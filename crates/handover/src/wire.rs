@@ -60,6 +60,11 @@ impl FrameHeader {
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_bytes());
+    }
+
+    /// The header's 28 bytes.
+    pub(crate) fn to_bytes(self) -> [u8; HEADER_LEN] {
         let mut head = [0u8; HEADER_LEN];
         head[..4].copy_from_slice(&MAGIC);
         head[4] = VERSION;
@@ -75,7 +80,7 @@ impl FrameHeader {
         for (i, field) in fields.iter().enumerate() {
             head[8 + 4 * i..12 + 4 * i].copy_from_slice(&field.to_le_bytes());
         }
-        out.extend_from_slice(&head);
+        head
     }
 }
 
@@ -97,18 +102,31 @@ impl Record<'_> {
     /// Appends the record. The caller has checked the name with
     /// [`check_name`] and the extra blob against [`MAX_EXTRA_LEN`].
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let (kind, family, socket_type, flags) = kind_to_wire(self.kind);
         let name = self.name.unwrap_or("");
-        let mut fixed = [0u8; RECORD_LEN];
-        fixed[..4].copy_from_slice(&[kind, family, socket_type, flags]);
-        fixed[4..6].copy_from_slice(&(name.len() as u16).to_le_bytes());
-        fixed[6..8].copy_from_slice(&(self.extra.len() as u16).to_le_bytes());
-        fixed[8..12].copy_from_slice(&self.value.to_le_bytes());
-        // Bytes 12..16 are reserved and stay zero.
-        out.extend_from_slice(&fixed);
+        out.reserve(self.encoded_len());
+        out.extend_from_slice(&record_fixed(
+            KindCodes::of(self.kind),
+            name.len() as u16,
+            self.extra.len() as u16,
+            self.value,
+        ));
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(self.extra);
     }
+}
+
+/// The fixed 16-byte part of a record: the kind's four code bytes, the two
+/// lengths, the value and the zero reserved field.
+#[inline]
+pub(crate) fn record_fixed(
+    kind: KindCodes,
+    name_len: u16,
+    extra_len: u16,
+    value: u32,
+) -> [u8; RECORD_LEN] {
+    let low = u64::from(kind.0) | u64::from(name_len) << 32 | u64::from(extra_len) << 48;
+    // The reserved field, the high half of the second word, stays zero.
+    (u128::from(low) | u128::from(value) << 64).to_le_bytes()
 }
 
 /// Why a frame could not be decoded. Each names the first rule it broke.
@@ -158,6 +176,22 @@ pub struct Frame<'a> {
 }
 
 impl<'a> Frame<'a> {
+    /// When no record of this frame has a name or extra (each is exactly
+    /// its fixed part), the records' kind codes, in order; `None` for any
+    /// other frame. The fast case of [`records`](Self::records).
+    pub(crate) fn fixed_only_kinds(
+        &self,
+    ) -> Option<impl ExactSizeIterator<Item = KindCodes> + use<'a>> {
+        if self.records.len() != RECORD_LEN * self.header.frame_handles as usize {
+            return None;
+        }
+        // [`decode`] checked every record, so these are valid codes.
+        Some(self.records.chunks_exact(RECORD_LEN).map(|r| {
+            r.first_chunk::<4>()
+                .map_or(KindCodes::OTHER, |c| KindCodes(u32::from_le_bytes(*c)))
+        }))
+    }
+
     /// The handle records, in order. [`decode`] checked every one, so this
     /// yields exactly `header.frame_handles` of them without allocating.
     pub fn records(&self) -> Records<'a> {
@@ -177,17 +211,51 @@ pub struct Records<'a> {
     count: usize,
 }
 
-impl<'a> Iterator for Records<'a> {
-    type Item = Record<'a>;
+impl<'a> Records<'a> {
+    /// The next record's kind codes and name: all that the receiving side
+    /// keeps of a record on Unix.
+    // Always inlined: called once per handle received, where a call costs
+    // more than the work.
+    #[inline(always)]
+    pub(crate) fn next_codes(&mut self) -> Option<(KindCodes, Option<&'a str>)> {
+        self.next_parts()
+            .map(|(fixed, name, _)| (KindCodes(fixed.codes), name))
+    }
 
-    fn next(&mut self) -> Option<Record<'a>> {
+    #[inline(always)]
+    fn next_parts(&mut self) -> Option<(Fixed, Option<&'a str>, &'a [u8])> {
         if self.index == self.count {
             return None;
         }
-        let (record, rest) = decode_record(self.rest, self.index).ok()?;
+        // [`decode`] has checked every rule already, so this only takes the
+        // record apart again. Nothing here can fail for a frame that
+        // passed; were it to, the iterator would end early, not panic.
+        let (fixed, rest) = self.rest.split_first_chunk::<RECORD_LEN>()?;
+        let fixed = Fixed::parse(fixed);
+        let (name, rest) = rest.split_at_checked(fixed.name_len)?;
+        let (extra, rest) = rest.split_at_checked(fixed.extra_len)?;
+        let name = match fixed.name_len {
+            0 => None,
+            _ => Some(std::str::from_utf8(name).ok()?),
+        };
         self.rest = rest;
         self.index += 1;
-        Some(record)
+        Some((fixed, name, extra))
+    }
+}
+
+impl<'a> Iterator for Records<'a> {
+    type Item = Record<'a>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Record<'a>> {
+        let (fixed, name, extra) = self.next_parts()?;
+        Some(Record {
+            kind: kind_from_checked_codes(fixed.codes),
+            name,
+            value: fixed.value,
+            extra,
+        })
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -198,14 +266,44 @@ impl<'a> Iterator for Records<'a> {
 
 /// Decodes one frame. Never panics, whatever the bytes.
 pub fn decode(buf: &[u8]) -> Result<Frame<'_>, DecodeError> {
+    decode_with_header(buf, decode_header(buf))
+}
+
+/// [`decode`], for a caller that has already run [`decode_header`] on
+/// `buf` and passes its result: the header is not decoded twice.
+pub(crate) fn decode_with_header(
+    buf: &[u8],
+    header: Result<FrameHeader, DecodeError>,
+) -> Result<Frame<'_>, DecodeError> {
     if buf.len() > MAX_FRAME_LEN {
         return Err(DecodeError::FrameTooLong(buf.len()));
     }
-    let header = decode_header(buf)?;
-    let all = &buf[HEADER_LEN..];
+    let header = header?;
+    let all = buf.get(HEADER_LEN..).unwrap_or_default();
+    let count = header.frame_handles as usize;
+    // The common frame first: every record without name or extra (as every
+    // Linux record of a handle without a name is), so that the records are
+    // exactly `16 * count` bytes and each is checked on its own. Any other
+    // frame, valid or not, takes the record-by-record walk below.
+    let fixed_only = RECORD_LEN * count;
+    if all.len().checked_sub(fixed_only) == Some(header.frame_bytes as usize) {
+        let (records, payload) = all.split_at(fixed_only);
+        let valid = records.chunks_exact(RECORD_LEN).fold(true, |valid, r| {
+            valid
+                & r.first_chunk::<RECORD_LEN>()
+                    .is_some_and(is_valid_fixed_only)
+        });
+        if valid {
+            return Ok(Frame {
+                header,
+                records,
+                payload,
+            });
+        }
+    }
     let mut rest = all;
-    for index in 0..header.frame_handles as usize {
-        rest = decode_record(rest, index)?.1;
+    for index in 0..count {
+        rest = check_record(rest, index)?;
     }
     if rest.len() != header.frame_bytes as usize {
         return Err(DecodeError::PayloadLength {
@@ -213,10 +311,11 @@ pub fn decode(buf: &[u8]) -> Result<Frame<'_>, DecodeError> {
             actual: rest.len(),
         });
     }
+    let (records, payload) = all.split_at(all.len() - rest.len());
     Ok(Frame {
         header,
-        records: &all[..all.len() - rest.len()],
-        payload: rest,
+        records,
+        payload,
     })
 }
 
@@ -252,6 +351,100 @@ pub fn decode_header(buf: &[u8]) -> Result<FrameHeader, DecodeError> {
         return Err(DecodeError::TooManyFrameHandles(header.frame_handles));
     }
     Ok(header)
+}
+
+/// Checks one record and returns what follows it. A valid record is
+/// recognised from its fixed part and lengths alone; anything else goes to
+/// [`decode_record`], which names the first rule broken.
+#[inline]
+fn check_record(buf: &[u8], index: usize) -> Result<&[u8], DecodeError> {
+    if let Some((fixed, rest)) = buf.split_first_chunk::<RECORD_LEN>() {
+        let fixed = Fixed::parse(fixed);
+        if fixed.is_valid() {
+            if fixed.name_len == 0 && fixed.extra_len == 0 {
+                return Ok(rest);
+            }
+            if let Some((name, rest)) = rest.split_at_checked(fixed.name_len) {
+                if let Some(rest) = rest.get(fixed.extra_len..) {
+                    if name_is_valid(name) {
+                        return Ok(rest);
+                    }
+                }
+            }
+        }
+    }
+    check_record_slowly(buf, index)
+}
+
+#[cold]
+#[inline(never)]
+fn check_record_slowly(buf: &[u8], index: usize) -> Result<&[u8], DecodeError> {
+    decode_record(buf, index).map(|(_, rest)| rest)
+}
+
+/// A record's fixed part, taken apart.
+#[derive(Clone, Copy)]
+struct Fixed {
+    /// `kind | family << 8 | socket_type << 16 | record_flags << 24`.
+    codes: u32,
+    name_len: usize,
+    extra_len: usize,
+    value: u32,
+    reserved: u32,
+}
+
+impl Fixed {
+    /// Reads the 16 bytes as two little-endian words.
+    #[inline]
+    fn parse(fixed: &[u8; RECORD_LEN]) -> Fixed {
+        let [b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15] = *fixed;
+        let low = u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]);
+        let high = u64::from_le_bytes([b8, b9, b10, b11, b12, b13, b14, b15]);
+        Fixed {
+            codes: low as u32,
+            name_len: usize::from((low >> 32) as u16),
+            extra_len: usize::from((low >> 48) as u16),
+            value: high as u32,
+            reserved: (high >> 32) as u32,
+        }
+    }
+
+    /// Whether the fixed part breaks no rule: exactly the records that
+    /// [`decode_record`] accepts, as far as the fixed part decides it (a
+    /// test holds the two to agreeing).
+    #[inline]
+    fn is_valid(&self) -> bool {
+        codes_are_valid(self.codes)
+            & (self.reserved == 0)
+            & (self.name_len <= MAX_NAME_LEN)
+            & (self.extra_len <= MAX_EXTRA_LEN)
+    }
+}
+
+/// Whether `kind | family << 8 | socket_type << 16 | record_flags << 24`
+/// is a combination [`kind_from_wire`] accepts: a socket with family and
+/// socket type at most 3 and no flag but LISTENING, or another kind with
+/// the other three all zero.
+#[inline]
+fn codes_are_valid(codes: u32) -> bool {
+    (codes & 0xFEFC_FCFF == KIND_SOCKET as u32) | (codes <= u32::from(KIND_MAX))
+}
+
+/// Whether a record is valid and has neither name nor extra: the kind
+/// codes valid, and the lengths (the high half of the first word) and the
+/// reserved field (the high half of the second) all zero.
+#[inline]
+fn is_valid_fixed_only(fixed: &[u8; RECORD_LEN]) -> bool {
+    let [b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15] = *fixed;
+    let low = u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]);
+    let high = u64::from_le_bytes([b8, b9, b10, b11, b12, b13, b14, b15]);
+    codes_are_valid(low as u32) & (low >> 32 == 0) & (high >> 32 == 0)
+}
+
+/// Whether a received name is acceptable: empty (no name), or UTF-8 without NUL.
+#[inline]
+fn name_is_valid(name: &[u8]) -> bool {
+    name.is_empty() || (!name.contains(&0) && std::str::from_utf8(name).is_ok())
 }
 
 fn decode_record(buf: &[u8], index: usize) -> Result<(Record<'_>, &[u8]), DecodeError> {
@@ -324,17 +517,20 @@ const KIND_PIPE: u8 = 3;
 const KIND_SHARED_MEMORY: u8 = 4;
 const KIND_DIRECTORY: u8 = 5;
 const KIND_CHAR_DEVICE: u8 = 6;
+/// The highest kind code.
+const KIND_MAX: u8 = KIND_CHAR_DEVICE;
 
 const RECORD_FLAG_LISTENING: u8 = 1 << 0;
 
-fn kind_to_wire(kind: HandleKind) -> (u8, u8, u8, u8) {
+#[inline]
+fn kind_to_wire(kind: HandleKind) -> [u8; 4] {
     match kind {
-        HandleKind::Other => (KIND_OTHER, 0, 0, 0),
-        HandleKind::File => (KIND_FILE, 0, 0, 0),
-        HandleKind::Pipe => (KIND_PIPE, 0, 0, 0),
-        HandleKind::SharedMemory => (KIND_SHARED_MEMORY, 0, 0, 0),
-        HandleKind::Directory => (KIND_DIRECTORY, 0, 0, 0),
-        HandleKind::CharDevice => (KIND_CHAR_DEVICE, 0, 0, 0),
+        HandleKind::Other => [KIND_OTHER, 0, 0, 0],
+        HandleKind::File => [KIND_FILE, 0, 0, 0],
+        HandleKind::Pipe => [KIND_PIPE, 0, 0, 0],
+        HandleKind::SharedMemory => [KIND_SHARED_MEMORY, 0, 0, 0],
+        HandleKind::Directory => [KIND_DIRECTORY, 0, 0, 0],
+        HandleKind::CharDevice => [KIND_CHAR_DEVICE, 0, 0, 0],
         HandleKind::Socket(info) => {
             let family = match info.family {
                 SocketFamily::Other => 0,
@@ -353,7 +549,7 @@ fn kind_to_wire(kind: HandleKind) -> (u8, u8, u8, u8) {
             } else {
                 0
             };
-            (KIND_SOCKET, family, socket_type, flags)
+            [KIND_SOCKET, family, socket_type, flags]
         }
     }
 }
@@ -412,10 +608,92 @@ fn kind_from_wire(
     }
 }
 
+/// A handle kind as it travels: a record's four code bytes (kind, family,
+/// socket type, record flags) as one little-endian word. It only ever holds
+/// a combination that [`decode`] accepts, being made either from a
+/// [`HandleKind`] or from a record that passed, so a [`crate::Handle`] keeps
+/// its kind in this form and neither sending nor receiving converts it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KindCodes(u32);
+
+impl KindCodes {
+    /// [`HandleKind::Other`].
+    pub(crate) const OTHER: KindCodes = KindCodes(KIND_OTHER as u32);
+
+    pub(crate) fn of(kind: HandleKind) -> KindCodes {
+        KindCodes(u32::from_le_bytes(kind_to_wire(kind)))
+    }
+
+    /// The kind these codes stand for.
+    #[inline]
+    pub(crate) fn kind(self) -> HandleKind {
+        kind_from_checked_codes(self.0)
+    }
+}
+
+impl std::fmt::Debug for KindCodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.kind().fmt(f)
+    }
+}
+
+/// The kind of a record whose codes [`Fixed::is_valid`] accepted, by table.
+/// Total, so that it cannot panic, but meaningful only for accepted codes.
+#[inline]
+fn kind_from_checked_codes(codes: u32) -> HandleKind {
+    // Kinds other than socket, by kind code (1, the socket, is not used).
+    const PLAIN: [HandleKind; 8] = [
+        HandleKind::Other,
+        HandleKind::Other,
+        HandleKind::File,
+        HandleKind::Pipe,
+        HandleKind::SharedMemory,
+        HandleKind::Directory,
+        HandleKind::CharDevice,
+        HandleKind::Other,
+    ];
+    // Sockets, by family | socket type << 2 | listening << 4.
+    const SOCKETS: [HandleKind; 32] = {
+        const FAMILIES: [SocketFamily; 4] = [
+            SocketFamily::Other,
+            SocketFamily::Unix,
+            SocketFamily::Ipv4,
+            SocketFamily::Ipv6,
+        ];
+        const TYPES: [SocketType; 4] = [
+            SocketType::Other,
+            SocketType::Stream,
+            SocketType::Datagram,
+            SocketType::SeqPacket,
+        ];
+        let mut table = [HandleKind::Other; 32];
+        let mut i = 0;
+        while i < table.len() {
+            table[i] = HandleKind::Socket(SocketInfo {
+                family: FAMILIES[i & 3],
+                socket_type: TYPES[(i >> 2) & 3],
+                listening: i & 16 != 0,
+            });
+            i += 1;
+        }
+        table
+    };
+    if codes as u8 == KIND_SOCKET {
+        let family = (codes >> 8) & 0b11;
+        let socket_type = (codes >> 14) & 0b1100;
+        let listening = (codes >> 20) & 0b1_0000;
+        SOCKETS[(family | socket_type | listening) as usize]
+    } else {
+        PLAIN[(codes & 7) as usize]
+    }
+}
+
+#[inline]
 fn u16_at(buf: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([buf[at], buf[at + 1]])
 }
 
+#[inline]
 fn u32_at(buf: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
 }
@@ -614,6 +892,139 @@ mod tests {
             }
             b.truncate((next() as usize) % (b.len() + 1));
             let _ = decode(&b);
+        }
+    }
+
+    /// The plain record-by-record decoder, which every fast path of
+    /// [`decode`] and [`Records`] must agree with.
+    fn decode_slowly(buf: &[u8]) -> Result<(FrameHeader, Vec<Record<'_>>, &[u8]), DecodeError> {
+        if buf.len() > MAX_FRAME_LEN {
+            return Err(DecodeError::FrameTooLong(buf.len()));
+        }
+        let header = decode_header(buf)?;
+        let mut rest = &buf[HEADER_LEN..];
+        let mut records = Vec::new();
+        for index in 0..header.frame_handles as usize {
+            let (record, after) = decode_record(rest, index)?;
+            records.push(record);
+            rest = after;
+        }
+        if rest.len() != header.frame_bytes as usize {
+            return Err(DecodeError::PayloadLength {
+                announced: header.frame_bytes,
+                actual: rest.len(),
+            });
+        }
+        Ok((header, records, rest))
+    }
+
+    fn decode_fully(buf: &[u8]) -> Result<(FrameHeader, Vec<Record<'_>>, &[u8]), DecodeError> {
+        let f = decode(buf)?;
+        let records: Vec<Record<'_>> = f.records().collect();
+        assert_eq!(records.len(), f.header.frame_handles as usize);
+        let mut codes = f.records();
+        for r in &records {
+            let (kind, name) = codes.next_codes().unwrap();
+            assert_eq!((kind.kind(), name), (r.kind, r.name));
+        }
+        if let Some(kinds) = f.fixed_only_kinds() {
+            let kinds: Vec<HandleKind> = kinds.map(KindCodes::kind).collect();
+            assert_eq!(kinds, records.iter().map(|r| r.kind).collect::<Vec<_>>());
+            assert!(records
+                .iter()
+                .all(|r| r.name.is_none() && r.extra.is_empty()));
+        }
+        Ok((f.header, records, f.payload))
+    }
+
+    #[test]
+    fn fast_paths_agree_with_the_record_by_record_decoder() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let socket = |family, socket_type, listening| {
+            HandleKind::Socket(SocketInfo {
+                family,
+                socket_type,
+                listening,
+            })
+        };
+        let unnamed = |kind| Record {
+            kind,
+            name: None,
+            value: 0,
+            extra: &[],
+        };
+        let fixed_only = frame(
+            header(4, 2),
+            &[
+                unnamed(socket(SocketFamily::Ipv6, SocketType::Stream, true)),
+                unnamed(HandleKind::File),
+                unnamed(socket(SocketFamily::Unix, SocketType::SeqPacket, false)),
+                unnamed(HandleKind::Other),
+            ],
+            b"hi",
+        );
+        let named = frame(
+            header(2, 1),
+            &[
+                Record {
+                    kind: HandleKind::Pipe,
+                    name: Some("nm"),
+                    value: 0,
+                    extra: &[],
+                },
+                Record {
+                    kind: HandleKind::CharDevice,
+                    name: None,
+                    value: 0,
+                    extra: b"x",
+                },
+            ],
+            b"!",
+        );
+        for seed in [&fixed_only, &named] {
+            assert!(decode_fully(seed).is_ok());
+            for _ in 0..100_000 {
+                let mut b = seed.clone();
+                for _ in 0..1 + next() % 3 {
+                    let at = (next() as usize) % b.len();
+                    // Small values often, so that other valid codes and
+                    // lengths come up, not only garbage.
+                    b[at] = if next() % 2 == 0 {
+                        (next() % 8) as u8
+                    } else {
+                        next() as u8
+                    };
+                }
+                if next() % 8 == 0 {
+                    b.truncate((next() as usize) % (b.len() + 1));
+                }
+                assert_eq!(decode_fully(&b), decode_slowly(&b), "{b:02x?}");
+            }
+        }
+    }
+
+    #[test]
+    fn code_checks_match_kind_from_wire() {
+        for kind in 0..=255u8 {
+            for family in 0..=255u8 {
+                for socket_type in [0, 1, 2, 3, 4, 7, 0x80, 0xff] {
+                    for flags in [0, 1, 2, 3, 0x80, 0x81, 0xff] {
+                        let codes = u32::from_le_bytes([kind, family, socket_type, flags]);
+                        let slow = kind_from_wire(0, kind, family, socket_type, flags).ok();
+                        assert_eq!(codes_are_valid(codes), slow.is_some(), "{codes:#010x}");
+                        if let Some(k) = slow {
+                            assert_eq!(kind_from_checked_codes(codes), k);
+                            assert_eq!(KindCodes::of(k), KindCodes(codes));
+                        }
+                    }
+                }
+            }
         }
     }
 

@@ -306,6 +306,7 @@ impl Transport {
 
     /// Sends one frame: `head` (header and records), then `payload`, with
     /// the handles attached. SOCK_SEQPACKET makes this one atomic record.
+    #[inline]
     pub fn send_frame(
         &self,
         head: &[u8],
@@ -343,14 +344,16 @@ impl Transport {
     }
 
     /// Receives one frame into `buf`, moving any attached descriptors into
-    /// `handles` as owned values at once, so that every later error path
-    /// closes them by dropping. With `accept_handles` false the control
-    /// buffer is empty: the kernel then discards attached descriptors
-    /// without installing them, and reports MSG_CTRUNC.
+    /// `handles` as owned values at once (handles with no name or kind yet),
+    /// so that every later error path closes them by dropping. With
+    /// `accept_handles` false the control buffer is empty: the kernel then
+    /// discards attached descriptors without installing them, and reports
+    /// MSG_CTRUNC.
+    #[inline]
     pub fn recv_frame(
         &self,
         buf: &mut [u8],
-        handles: &mut Vec<OwnedFd>,
+        handles: &mut Vec<Handle>,
         accept_handles: bool,
         nonblocking: bool,
     ) -> io::Result<Received> {
@@ -371,7 +374,7 @@ impl Transport {
         };
         for message in control.drain() {
             if let RecvAncillaryMessage::ScmRights(fds) = message {
-                handles.extend(fds);
+                handles.extend(fds.map(Handle::received));
             }
         }
         let control_truncated = msg.flags.contains(ReturnFlags::CTRUNC);

@@ -402,7 +402,6 @@ unsafe fn child_setup(plan: &mut Plan) -> Result<(), (Stage, c_int)> {
         return Err(fail(Stage::Setsid));
     }
 
-
     // Move every source above every target first, so that placing one
     // descriptor can never overwrite another that is still to be placed.
     let floor = plan.moves.iter().map(|&(_, t)| t).max().unwrap_or(2) + 1;
