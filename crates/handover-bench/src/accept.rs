@@ -5,8 +5,9 @@
 //! Subjects: `systemd-socket-activate` (the baseline: `systemd-socket-activate
 //! --inetd --accept --listen 127.0.0.1:PORT PROGRAM...`, which forks and
 //! execs a child per connection) and `handover` (`handover run --inetd -l
-//! 127.0.0.1:0 -- PROGRAM...`, which spawns with clone(CLONE_VM |
-//! CLONE_VFORK)). Both run the same program, `/bin/echo
+//! 127.0.0.1:0 -- PROGRAM...`, which spawns with clone3(CLONE_VM |
+//! CLONE_VFORK) from a few spawner threads while its loop goes on
+//! accepting). Both run the same program, `/bin/echo
 //! handover-bench-accept`, in the same clean environment.
 //!
 //! A client on 127.0.0.1 makes a fixed number of connections (1000 by
@@ -218,7 +219,7 @@ pub fn run(args: &Args) -> Result<()> {
             "systemd-socket-activate ({version}): --inetd --accept --listen 127.0.0.1:PORT, SYSTEMD_LOG_LEVEL={} (at info, its default, it logs 3 lines per connection); fork + exec per connection",
             args.socket_activate_log_level
         ),
-        "handover: run --inetd -l 127.0.0.1:0; clone(CLONE_VM|CLONE_VFORK) + exec per connection".to_owned(),
+        "handover: run --inetd -l 127.0.0.1:0; clone3(CLONE_VM|CLONE_VFORK) + exec per connection, from a few spawner threads".to_owned(),
         "both supervisors get the same clean environment (PATH, LANG) and a fresh start every run".to_owned(),
         format!(
             "largest supervisor RSS seen: systemd-socket-activate {}, handover {}; both parents are small, so fork's page-table copying costs little here (a large parent is not measured)",

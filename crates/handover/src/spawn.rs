@@ -28,6 +28,7 @@ pub(crate) const ACTIVATION_VARS: [&str; 4] = [
 #[derive(Debug)]
 pub struct Command {
     program: OsString,
+    path: Option<PathBuf>,
     args: Vec<OsString>,
     env: Vec<(OsString, Option<OsString>)>,
     env_clear: bool,
@@ -54,6 +55,7 @@ impl Command {
     pub fn new(program: impl AsRef<OsStr>) -> Command {
         Command {
             program: program.as_ref().to_owned(),
+            path: None,
             args: Vec::new(),
             env: Vec::new(),
             env_clear: false,
@@ -120,6 +122,15 @@ impl Command {
         &self.activation
     }
 
+    /// Runs the program found at `path` (for example where
+    /// [`Command::resolved_program`] found it earlier) without looking for
+    /// it again at every spawn; the program as given stays the child's
+    /// `argv[0]`. If `path` cannot be executed, spawning fails at execve.
+    pub fn program_path(&mut self, path: impl AsRef<Path>) -> &mut Command {
+        self.path = Some(path.as_ref().to_owned());
+        self
+    }
+
     /// The program as given.
     pub fn program(&self) -> &OsStr {
         &self.program
@@ -167,10 +178,13 @@ impl Command {
             vars.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
         }
         vars.into_iter()
-            .map(|(mut k, v)| {
-                k.push("=");
-                k.push(v);
-                k
+            .map(|(k, v)| {
+                // Room for the NUL too: the buffer becomes the C string.
+                let mut kv = OsString::with_capacity(k.len() + v.len() + 2);
+                kv.push(k);
+                kv.push("=");
+                kv.push(v);
+                kv
             })
             .collect()
     }
@@ -182,6 +196,9 @@ impl Command {
     }
 
     fn resolve_program(&self) -> Result<PathBuf> {
+        if let Some(path) = &self.path {
+            return Ok(path.clone());
+        }
         let program = Path::new(&self.program);
         let not_found = || Error::ProgramNotFound {
             program: self.program.to_string_lossy().into_owned(),
@@ -277,5 +294,38 @@ impl Child {
             return Ok(());
         }
         sys::kill_child(&self.inner).map_err(Error::io("kill"))
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use crate::unix::CommandExt;
+    use std::io::Read;
+
+    #[test]
+    fn program_path_runs_that_file_and_keeps_the_name_as_given() {
+        let cmd = || {
+            let mut c = Command::new("no-such-program-handover");
+            c.arg("/proc/self/cmdline");
+            c
+        };
+        assert!(matches!(
+            cmd().spawn().unwrap_err(),
+            Error::ProgramNotFound { .. }
+        ));
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        let mut c = cmd();
+        c.program_path("/bin/cat").fd(1, Handle::from(w));
+        assert_eq!(
+            c.resolved_program().unwrap(),
+            Path::new("/bin/cat").to_owned()
+        );
+        let mut child = c.spawn().unwrap();
+        drop(c);
+        let mut out = Vec::new();
+        std::fs::File::from(r).read_to_end(&mut out).unwrap();
+        assert!(child.wait().unwrap().success());
+        assert_eq!(out, b"no-such-program-handover\0/proc/self/cmdline\0");
     }
 }

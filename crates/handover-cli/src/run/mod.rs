@@ -13,6 +13,7 @@ mod users;
 
 use std::ffi::OsString;
 use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -84,6 +85,9 @@ pub struct RunArgs {
 /// What every start of the program shares.
 pub struct Program {
     pub argv: Vec<OsString>,
+    /// Where the program was found, once: not looked for again at every
+    /// start (a program per connection in accept mode).
+    pub path: PathBuf,
     pub identity: Option<users::Identity>,
 }
 
@@ -95,7 +99,7 @@ impl Program {
     /// A command for one start, with privileges dropped as asked.
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(&self.argv[0]);
-        cmd.args(&self.argv[1..]);
+        cmd.program_path(&self.path).args(&self.argv[1..]);
         // Signals for the program reach it through us; its own process
         // group lets us clean up whatever it leaves behind, and if we are
         // killed outright it is told.
@@ -139,15 +143,15 @@ pub fn run(args: RunArgs) -> Result<()> {
             .transpose()?,
         socket_owner: args.socket_owner.as_deref().map(socket_owner).transpose()?,
     };
+    // A missing program is reported before anything is bound.
+    let path = Command::new(&args.command[0])
+        .resolved_program()
+        .with_context(|| format!("cannot run {:?}", args.command[0].to_string_lossy()))?;
     let program = Program {
         argv: args.command.clone(),
+        path,
         identity,
     };
-    // A missing program is reported before anything is bound.
-    program
-        .command()
-        .resolved_program()
-        .with_context(|| format!("cannot run {:?}", program.name()))?;
 
     let accept_mode = args.accept || args.inetd;
     if accept_mode {

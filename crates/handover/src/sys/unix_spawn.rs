@@ -8,12 +8,24 @@
 //! no allocation, no locks, no panics. Because parent and child share
 //! memory until execve, the child reports a failure by storing an errno and
 //! a stage in the plan, which the parent reads once it resumes.
+//!
+//! No handler of the parent's may run in the child while it shares the
+//! parent's memory. The parent blocks every signal before the clone, and
+//! the child unblocks them only just before execve, once no disposition
+//! but SIG_DFL and SIG_IGN is left: on x86-64 the clone is clone3 with
+//! CLONE_CLEAR_SIGHAND (Linux 5.5), which resets the handlers as part of
+//! the clone, and the child resets only what the parent found not at
+//! SIG_DFL (the ignored signals, which survive execve, and a handful of
+//! handlers again); elsewhere, or where the kernel refuses clone3, it is
+//! clone, and the child resets every signal itself.
 
+use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void, CString, OsStr, OsString};
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
 
 /// Why a child could not be started, as the child saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +127,9 @@ pub(crate) struct Plan {
     process_group: bool,
     parent_death_signal: Option<c_int>,
     parent_pid: libc::pid_t,
+    /// Signals the child sets to SIG_DFL, bit `n - 1` for signal `n`;
+    /// decided by [`spawn`] for each clone.
+    reset: u64,
     failed_errno: AtomicI32,
     failed_stage: AtomicU8,
 }
@@ -158,10 +173,18 @@ impl Plan {
         let mut argv_ptrs: Vec<*const c_char> = argv.iter().map(|a| a.as_ptr()).collect();
         argv_ptrs.push(std::ptr::null());
 
+        // The entries' own buffers become the C strings (no copies).
         let env: Vec<CString> = spec
             .env
-            .iter()
-            .map(|e| cstring(e, "an environment variable"))
+            .into_iter()
+            .map(|e| {
+                CString::new(e.into_vec()).map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "an environment variable contains a NUL byte",
+                    )
+                })
+            })
             .collect::<io::Result<_>>()?;
         let mut envp_ptrs: Vec<*const c_char> = env.iter().map(|e| e.as_ptr()).collect();
         // The slots go last, LISTEN_PIDFDID at the very end, so that the
@@ -209,6 +232,7 @@ impl Plan {
             process_group: spec.process_group,
             parent_death_signal: spec.parent_death_signal,
             parent_pid: std::process::id() as libc::pid_t,
+            reset: ALL_SIGNALS,
             failed_errno: AtomicI32::new(0),
             failed_stage: AtomicU8::new(0),
         })
@@ -225,20 +249,100 @@ pub(crate) struct Spawned {
 /// Starts the child described by `plan`. On failure nothing is left
 /// running: a child that failed before execve has exited and is reaped.
 pub(crate) fn spawn(plan: &mut Plan) -> Result<Spawned, (Stage, io::Error)> {
-    const STACK: usize = 64 * 1024;
-    let mut stack = vec![0u8; STACK];
+    #[cfg(target_arch = "x86_64")]
+    let clone3 = CLONE3_USABLE.load(Ordering::Relaxed);
+    #[cfg(not(target_arch = "x86_64"))]
+    let clone3 = false;
+    spawn_with(plan, clone3)
+}
+
+/// The child's stack.
+const STACK: usize = 64 * 1024;
+
+thread_local! {
+    /// The stack of this thread's children, kept from one spawn to the
+    /// next. It is taken out while a spawn uses it, so that anything that
+    /// spawns meanwhile on this thread (a signal handler) gets its own.
+    static CHILD_STACK: Cell<Option<Box<[MaybeUninit<u8>]>>> = const { Cell::new(None) };
+}
+
+/// [`spawn`], with clone3 tried first or not.
+fn spawn_with(plan: &mut Plan, try_clone3: bool) -> Result<Spawned, (Stage, io::Error)> {
+    // Left uninitialised: the child writes its frames before it reads them.
+    let mut stack = CHILD_STACK
+        .try_with(Cell::take)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Box::new_uninit_slice(STACK));
+    let result = spawn_on(plan, &mut stack, try_clone3);
+    let _ = CHILD_STACK.try_with(|s| s.set(Some(stack)));
+    result
+}
+
+fn spawn_on(
+    plan: &mut Plan,
+    stack: &mut [MaybeUninit<u8>],
+    try_clone3: bool,
+) -> Result<Spawned, (Stage, io::Error)> {
+    let base = stack.as_mut_ptr() as usize;
     // The stack grows down on every architecture Linux runs Rust on here.
-    let top = (stack.as_mut_ptr() as usize + STACK) & !15;
+    let top = (base + stack.len()) & !15;
     plan.failed_errno.store(0, Ordering::Relaxed);
     plan.failed_stage.store(0, Ordering::Relaxed);
 
     let mut pidfd: c_int = -1;
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = try_clone3;
+    #[cfg(target_arch = "x86_64")]
+    if try_clone3 {
+        // The kernel resets every caught signal for the child
+        // (CLONE_CLEAR_SIGHAND), atomically with the clone, so no handler
+        // of ours can run in it. What it leaves are ignored signals, which
+        // execve keeps too: the child resets those it is told of here.
+        plan.reset = non_default_signals();
+        let args = clone3::CloneArgs {
+            flags: (libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD) as u64
+                | clone3::CLONE_CLEAR_SIGHAND,
+            pidfd: &mut pidfd as *mut c_int as u64,
+            child_tid: 0,
+            parent_tid: 0,
+            exit_signal: libc::SIGCHLD as u64,
+            stack: base as u64,
+            stack_size: (top - base) as u64,
+            tls: 0,
+        };
+        let arg = (plan as *mut Plan).cast::<c_void>();
+        // SAFETY: as for clone below; the stack is `top - base` bytes from
+        // `base`, its top 16-byte aligned, and `pidfd` is a live c_int for
+        // CLONE_PIDFD to fill.
+        let ret = with_signals_blocked(|| unsafe { clone3::clone3(&args, child_main, arg) });
+        let (ret, err) = match c_int::try_from(ret) {
+            Ok(pid) if pid >= 0 => (pid, io::Error::from_raw_os_error(0)),
+            _ => (-1, io::Error::from_raw_os_error(-ret as c_int)),
+        };
+        let unusable = matches!(
+            err.raw_os_error(),
+            // No clone3 (before Linux 5.3, or refused by a seccomp filter,
+            // which some container runtimes make EPERM), or no
+            // CLONE_CLEAR_SIGHAND (5.3 and 5.4): clone below does.
+            Some(libc::ENOSYS | libc::EINVAL | libc::EPERM)
+        );
+        if ret >= 0 || !unusable {
+            return finish(plan, ret, err, pidfd);
+        }
+        CLONE3_USABLE.store(false, Ordering::Relaxed);
+    }
+
+    // Every signal: the child cannot tell which ones have handlers of ours
+    // without asking for each, and with clone (unlike clone3) they are the
+    // parent's until it resets them.
+    plan.reset = ALL_SIGNALS;
     let (ret, err) = with_signals_blocked(|| {
         let mut flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD;
         loop {
             // SAFETY: `child_main` only reads `plan`, writes its atomics and
-            // slots, and makes system calls; the stack is ours, 64 KiB,
-            // 16-byte aligned at the top, and outlives the child's use of it
+            // slots, and makes system calls; the stack is ours (borrowed for
+            // this call), 16-byte aligned at the top, and outlives the child's use of it
             // because CLONE_VFORK suspends us until the child execs or
             // exits. `pidfd` is a live c_int for CLONE_PIDFD to fill.
             let ret = unsafe {
@@ -260,7 +364,16 @@ pub(crate) fn spawn(plan: &mut Plan) -> Result<Spawned, (Stage, io::Error)> {
             return (ret, err);
         }
     });
-    drop(stack);
+    finish(plan, ret, err, pidfd)
+}
+
+/// After the clone: the child has exec'd, or failed and exited.
+fn finish(
+    plan: &Plan,
+    ret: c_int,
+    err: io::Error,
+    pidfd: c_int,
+) -> Result<Spawned, (Stage, io::Error)> {
     if ret < 0 {
         return Err((Stage::Exec, err));
     }
@@ -291,6 +404,77 @@ fn reap(pid: c_int) {
     }
 }
 
+/// clone3 itself: libc has no wrapper that runs a function in the child.
+#[cfg(target_arch = "x86_64")]
+mod clone3 {
+    use std::ffi::{c_int, c_long, c_void};
+
+    /// Resets the child's caught signals to SIG_DFL (Linux 5.5).
+    pub const CLONE_CLEAR_SIGHAND: u64 = 0x1_0000_0000;
+
+    /// The kernel's struct clone_args, as of Linux 5.3 (CLONE_ARGS_SIZE_VER0).
+    #[repr(C)]
+    pub struct CloneArgs {
+        pub flags: u64,
+        pub pidfd: u64,
+        pub child_tid: u64,
+        pub parent_tid: u64,
+        pub exit_signal: u64,
+        pub stack: u64,
+        pub stack_size: u64,
+        pub tls: u64,
+    }
+
+    /// clone3(`args`), the child calling `f(arg)` on the stack `args`
+    /// gives and exiting with what it returns. Returns the child's pid to
+    /// the parent, or a negated errno.
+    ///
+    /// # Safety
+    ///
+    /// As for clone(2) with the same flags: `args.stack` and
+    /// `args.stack_size` describe memory the child may use as its stack,
+    /// 16-byte aligned at the top, and `f` must be safe to run there, in
+    /// the child, with `arg`.
+    pub unsafe fn clone3(
+        args: &CloneArgs,
+        f: extern "C" fn(*mut c_void) -> c_int,
+        arg: *mut c_void,
+    ) -> c_long {
+        let ret: c_long;
+        // SAFETY: the caller's contract. The parent side is a plain system
+        // call (rcx and r11 clobbered, rax the result). The child starts
+        // after the `syscall` with rax 0, every other register as the
+        // parent's, and rsp at the top of its own stack: it clears the
+        // frame pointer, calls f(arg) with the stack aligned as the ABI
+        // wants, and exits without ever returning into the parent's code.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                "test rax, rax",
+                "jnz 2f",
+                "xor ebp, ebp",
+                "mov rdi, r13",
+                "call r12",
+                "mov edi, eax",
+                "mov eax, {exit}",
+                "syscall",
+                "ud2",
+                "2:",
+                exit = const libc::SYS_exit,
+                inlateout("rax") libc::SYS_clone3 => ret,
+                in("rdi") args as *const CloneArgs,
+                in("rsi") std::mem::size_of::<CloneArgs>(),
+                in("r12") f,
+                in("r13") arg,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret
+    }
+}
+
 /// Runs `f` with every signal blocked in this thread, so that no handler of
 /// ours runs in the child while it shares our memory.
 fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
@@ -316,12 +500,15 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
     // SAFETY: each call below is a plain system call on plan data that was
     // prepared for exactly this use.
     unsafe {
-        reset_signals();
+        // Every signal stays blocked (the parent blocked them all before
+        // the clone) until just before execve.
+        reset_dispositions(plan.reset);
         if let Err((stage, errno)) = child_setup(plan) {
             plan.failed_stage.store(stage.to_u8(), Ordering::Relaxed);
             plan.failed_errno.store(errno, Ordering::Release);
             libc::_exit(127);
         }
+        unblock_signals();
         libc::execve(
             plan.path.as_ptr(),
             plan.argv_ptrs.as_ptr(),
@@ -340,15 +527,64 @@ fn errno() -> c_int {
         .unwrap_or(libc::EIO)
 }
 
-/// Default dispositions and an empty mask, as a freshly started service
-/// gets from systemd (Rust's runtime ignores SIGPIPE, for one).
-unsafe fn reset_signals() {
+/// Every signal but SIGKILL and SIGSTOP, as a [`Plan::reset`] set.
+const ALL_SIGNALS: u64 = !(1 << (libc::SIGKILL - 1) | 1 << (libc::SIGSTOP - 1));
+
+/// Whether clone3 with CLONE_CLEAR_SIGHAND has not failed yet. Once the
+/// kernel refuses it, it keeps refusing: every later spawn uses clone.
+#[cfg(target_arch = "x86_64")]
+static CLONE3_USABLE: AtomicBool = AtomicBool::new(true);
+
+/// The signals whose disposition is not SIG_DFL in this process (ignored,
+/// or with a handler), as a [`Plan::reset`] set. Asked for every spawn:
+/// any thread may change a disposition at any time. (A change made while
+/// this runs is seen or not, as if made after the spawn or before it.)
+#[cfg(target_arch = "x86_64")]
+fn non_default_signals() -> u64 {
+    let mut set = 0;
     for sig in 1..65 {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
         }
+        let mut old = KernelSigaction {
+            handler: 0,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        // SAFETY: rt_sigaction with no new action only writes the current
+        // one into `old`, a live struct of the kernel's layout.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                std::ptr::null::<KernelSigaction>(),
+                &mut old as *mut KernelSigaction,
+                8usize,
+            )
+        };
+        // A signal that cannot be asked about is reset all the same.
+        if r != 0 || old.handler != libc::SIG_DFL {
+            set |= 1 << (sig - 1);
+        }
+    }
+    set
+}
+
+/// Default dispositions for the signals in `set` (bit `n - 1` for signal
+/// `n`), as a freshly started service gets from systemd: Rust's runtime
+/// ignores SIGPIPE, for one, and ignored signals survive execve.
+unsafe fn reset_dispositions(mut set: u64) {
+    while set != 0 {
+        let sig = set.trailing_zeros() as c_int + 1;
+        set &= set - 1;
         set_default_disposition(sig);
     }
+}
+
+/// The empty mask the program starts with, set last: until then no
+/// signal at all is delivered to the child.
+unsafe fn unblock_signals() {
     let mut empty: libc::sigset_t = std::mem::zeroed();
     libc::sigemptyset(&mut empty);
     libc::syscall(
@@ -360,19 +596,21 @@ unsafe fn reset_signals() {
     );
 }
 
+/// The kernel's struct sigaction on these architectures.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[repr(C)]
+struct KernelSigaction {
+    handler: usize,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
 /// SIG_DFL through the raw system call: libc's signal() refuses the
 /// signals it reserves for itself (32 and 33), which a parent may still
 /// have left ignored.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 unsafe fn set_default_disposition(sig: c_int) {
-    /// The kernel's struct sigaction on these architectures.
-    #[repr(C)]
-    struct KernelSigaction {
-        handler: usize,
-        flags: libc::c_ulong,
-        restorer: usize,
-        mask: u64,
-    }
     let act = KernelSigaction {
         handler: libc::SIG_DFL,
         flags: 0,
@@ -644,6 +882,68 @@ mod tests {
         assert_eq!(&b[..2], b"0\0");
         write_decimal(&mut b, u64::MAX);
         assert_eq!(&b[..21], b"18446744073709551615\0");
+    }
+
+    /// What /proc says of a child's signals: (SigBlk, SigIgn).
+    fn child_signals(try_clone3: bool) -> (u64, u64) {
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        let argv = [OsString::from("cat"), OsString::from("/proc/self/status")];
+        let mut plan = Plan::new(PlanSpec {
+            path: OsStr::new("/bin/cat"),
+            argv: &argv,
+            env: vec![],
+            activation: false,
+            fds: vec![(w.as_raw_fd(), 1)],
+            groups: None,
+            gid: None,
+            uid: None,
+            cwd: None,
+            setsid: false,
+            process_group: false,
+            parent_death_signal: None,
+        })
+        .unwrap();
+        let child = spawn_with(&mut plan, try_clone3).unwrap();
+        drop(w);
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(r), &mut out).unwrap();
+        wait(child.pid, true).unwrap();
+        let field = |name: &str| {
+            let line = out.lines().find(|l| l.starts_with(name)).unwrap();
+            u64::from_str_radix(line[name.len()..].trim(), 16).unwrap()
+        };
+        (field("SigBlk:"), field("SigIgn:"))
+    }
+
+    #[test]
+    fn children_start_with_default_signal_handling_however_cloned() {
+        extern "C" fn handler(_: c_int) {}
+        // SAFETY: setting dispositions of signals nothing in these tests
+        // sends, and blocking one in this thread only.
+        unsafe {
+            libc::signal(
+                libc::SIGUSR1,
+                handler as extern "C" fn(c_int) as libc::sighandler_t,
+            );
+            libc::signal(libc::SIGUSR2, libc::SIG_IGN);
+            libc::signal(libc::SIGWINCH, libc::SIG_IGN);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGUSR2);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let found = non_default_signals();
+            for sig in [libc::SIGUSR1, libc::SIGUSR2, libc::SIGWINCH, libc::SIGPIPE] {
+                assert_ne!(found & 1 << (sig - 1), 0, "signal {sig} in {found:#x}");
+            }
+        }
+        for try_clone3 in [true, false] {
+            let (blocked, ignored) = child_signals(try_clone3);
+            assert_eq!(blocked, 0, "clone3 {try_clone3}: blocked {blocked:#x}");
+            assert_eq!(ignored, 0, "clone3 {try_clone3}: ignored {ignored:#x}");
+        }
     }
 
     #[test]
