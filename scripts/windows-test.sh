@@ -4,7 +4,7 @@
 #
 # Debian's rustc-web (1.96) ships the std sources, so std itself is built for
 # the target with -Zbuild-std (RUSTC_BOOTSTRAP=1); rustup's toolchain comes
-# first in PATH, so Debian's cargo and rustc are named explicitly.
+# first in PATH, so Debian's cargo, rustc and rustdoc are named explicitly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +30,7 @@ fi
 
 export RUSTC_BOOTSTRAP=1
 export RUSTC=/usr/bin/rustc
+export RUSTDOC=/usr/bin/rustdoc
 export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_LINKER=x86_64-w64-mingw32-gcc
 export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER=wine
 echo "== cargo test for x86_64-pc-windows-gnu under $(wine --version)"

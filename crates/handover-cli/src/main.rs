@@ -1,6 +1,7 @@
 //! `handover`: the command-line tool.
 
 mod demo;
+#[cfg(unix)]
 mod run;
 
 use anyhow::Result;
@@ -25,6 +26,7 @@ enum Command {
     Demo,
     /// Bind sockets and run PROGRAM on them by the socket-activation
     /// protocol (LISTEN_FDS), staying as its supervisor.
+    #[cfg(unix)]
     Run(run::RunArgs),
     /// The second process of `handover demo` (internal).
     #[command(hide = true)]
@@ -65,6 +67,7 @@ fn real_main() -> Result<()> {
     match Cli::parse().command {
         Command::Demo => demo::run(),
         Command::DemoServer { channel } => demo::serve(&channel),
+        #[cfg(unix)]
         Command::Run(args) => run::run(args),
     }
 }

@@ -321,6 +321,7 @@ impl Channel {
         Ok(PeerCredentials { info })
     }
 
+    #[cfg_attr(not(unix), allow(dead_code))]
     pub(crate) fn transport(&self) -> &Transport {
         &self.transport
     }
@@ -492,6 +493,7 @@ impl ChannelListener {
         }
     }
 
+    #[cfg_attr(not(unix), allow(dead_code))]
     pub(crate) fn sys(&self) -> &sys::Listener {
         &self.listener
     }

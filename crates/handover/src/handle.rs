@@ -99,10 +99,10 @@ impl fmt::Display for SocketInfo {
 /// [`Channel`]: crate::Channel
 pub struct Handle {
     pub(crate) raw: sys::OwnedRaw,
-    name: Option<String>,
+    pub(crate) name: Option<String>,
     /// The kind as its wire codes, which is what sending writes and
     /// receiving reads, so that neither converts it.
-    kind: KindCodes,
+    pub(crate) kind: KindCodes,
 }
 
 impl Handle {

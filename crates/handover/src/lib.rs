@@ -19,16 +19,21 @@
 //! ```
 //!
 //! Nothing in the platform-neutral API exposes a raw descriptor. Unix-only
-//! conveniences (Unix sockets, descriptors, uid/gid) live in [`unix`].
+//! conveniences (Unix sockets, descriptors, uid/gid) live in `unix`; Windows
+//! ones (`OwnedHandle`, `OwnedSocket`) in `windows`.
 
+#[cfg(unix)]
 pub mod activation;
 mod assemble;
 mod channel;
 mod error;
 mod handle;
+#[cfg(unix)]
 pub mod listen;
+#[cfg(unix)]
 pub mod notify;
 mod outgoing;
+#[cfg(unix)]
 mod spawn;
 mod sys;
 pub mod wire;
@@ -37,8 +42,11 @@ pub mod wire;
 pub mod tokio;
 #[cfg(unix)]
 pub mod unix;
+#[cfg(windows)]
+pub mod windows;
 
 pub use channel::{Channel, ChannelListener, ChannelOptions, Message, PeerCredentials};
 pub use error::{Error, Result};
 pub use handle::{Handle, HandleKind, SocketFamily, SocketInfo, SocketType, WrongType};
+#[cfg(unix)]
 pub use spawn::{Child, Command};

@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::handle::Handle;
+use crate::sys;
 use crate::wire::{self, FrameHeader, FrameSpan, FLAG_FIRST, FLAG_LAST};
 
 /// Per-channel send state. Frames of one message must not interleave with
@@ -76,9 +77,16 @@ impl<'a> Frames<'a> {
                 named = true;
             }
         }
+        // Platform data in records (a WSAPROTOCOL_INFOW per socket on
+        // Windows; nothing on Unix) counts towards the frame size too.
+        let extras: usize = if cfg!(windows) {
+            handles.iter().map(|h| sys::extra_len(&h.raw)).sum()
+        } else {
+            0
+        };
         let single_len = wire::RECORD_LEN
             .saturating_mul(handles.len())
-            .saturating_add(wire::HEADER_LEN + names)
+            .saturating_add(wire::HEADER_LEN + names + extras)
             .saturating_add(bytes.len());
         let spans = if handles.len() <= wire::MAX_FRAME_HANDLES && single_len <= wire::MAX_FRAME_LEN
         {
@@ -159,7 +167,7 @@ impl<'a> Frames<'a> {
 }
 
 fn record_len(h: &Handle) -> usize {
-    wire::RECORD_LEN + h.name().map_or(0, str::len)
+    wire::RECORD_LEN + h.name().map_or(0, str::len) + sys::extra_len(&h.raw)
 }
 
 #[cfg(test)]
@@ -168,7 +176,7 @@ mod tests {
 
     /// `n` handles: /dev/null and a UDP socket in turn, named when asked.
     fn handles(n: usize, named: bool) -> Vec<Handle> {
-        let null = std::fs::File::open("/dev/null").unwrap();
+        let null = std::fs::File::open(if cfg!(windows) { "NUL" } else { "/dev/null" }).unwrap();
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         (0..n)
             .map(|i| {

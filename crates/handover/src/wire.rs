@@ -17,6 +17,13 @@ pub const MAGIC: [u8; 4] = *b"HNDV";
 pub const VERSION: u8 = 1;
 /// The only frame type defined by version 1: a piece of a message.
 pub const FRAME_MESSAGE: u8 = 1;
+/// Windows only: an acknowledgement. The receiver of a frame whose
+/// handles it pulled out of the sender's process (records without
+/// platform data) tells the sender it may close its transfer copies.
+/// The header's `seq` is the message's, `total_handles` the number of
+/// pulled records in the frame, every other field zero. Never part of a
+/// message; Linux peers never send one (and reject one as a bad type).
+pub const FRAME_ACK: u8 = 2;
 
 /// Frame flag: this frame starts a logical message.
 pub const FLAG_FIRST: u16 = 1 << 0;
@@ -82,6 +89,27 @@ impl FrameHeader {
         }
         head
     }
+}
+
+/// An acknowledgement frame ([`FRAME_ACK`]) for `pulled` records of
+/// message `seq`.
+pub fn encode_ack(seq: u32, pulled: u32) -> [u8; HEADER_LEN] {
+    let mut head = [0u8; HEADER_LEN];
+    head[..4].copy_from_slice(&MAGIC);
+    head[4] = VERSION;
+    head[5] = FRAME_ACK;
+    head[8..12].copy_from_slice(&seq.to_le_bytes());
+    head[12..16].copy_from_slice(&pulled.to_le_bytes());
+    head
+}
+
+/// `(seq, pulled)` when `buf` is exactly a well-formed acknowledgement
+/// frame; `None` for anything else (which then goes the message way).
+pub fn decode_ack(buf: &[u8]) -> Option<(u32, u32)> {
+    let head: &[u8; HEADER_LEN] = buf.try_into().ok()?;
+    let zero = head[6..8].iter().chain(&head[16..]).all(|&b| b == 0);
+    (head[..4] == MAGIC && head[4] == VERSION && head[5] == FRAME_ACK && zero)
+        .then(|| (u32_at(head, 8), u32_at(head, 12)))
 }
 
 /// One handle's description inside a frame. On Unix the handle itself rides
@@ -758,6 +786,20 @@ mod tests {
             frame_handles,
             frame_bytes,
         }
+    }
+
+    #[test]
+    fn ack_frames() {
+        let ack = encode_ack(7, 3);
+        assert_eq!(decode_ack(&ack), Some((7, 3)));
+        assert_eq!(decode(&ack).unwrap_err(), DecodeError::FrameType(FRAME_ACK));
+        assert_eq!(decode_ack(&ack[..27]), None);
+        let mut longer = ack.to_vec();
+        longer.push(0);
+        assert_eq!(decode_ack(&longer), None);
+        let mut flagged = ack;
+        flagged[6] = 1;
+        assert_eq!(decode_ack(&flagged), None);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The channel with well-behaved peers: volume, large messages, typed
 //! conversions, listeners, credentials, inheritance and timeouts.
 
+#![cfg(unix)]
+
 mod common;
 
 use std::io::{Read, Write};

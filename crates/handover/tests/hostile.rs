@@ -2,6 +2,8 @@
 //! every descriptor that arrived with the bad message, and leaves the
 //! channel usable for the next message.
 
+#![cfg(unix)]
+
 mod common;
 
 use std::os::fd::{AsFd, OwnedFd};

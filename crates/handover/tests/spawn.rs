@@ -1,6 +1,8 @@
 //! Starting children with exactly the chosen descriptors, and taking
 //! activation sockets — including from systemd-socket-activate.
 
+#![cfg(unix)]
+
 mod common;
 
 use std::io::{Read, Write};

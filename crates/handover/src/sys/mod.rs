@@ -14,6 +14,18 @@ mod unix_spawn;
 pub(crate) use unix_spawn::{is_executable, kill_child, spawn_child, wait_child, Spawned};
 #[cfg(unix)]
 pub(crate) use unix_spawn::{own_pidfd_inode_id, signal as signal_child};
+#[cfg(windows)]
+mod windows;
+#[cfg(windows)]
+pub(crate) use windows::*;
+
+/// Bytes of platform data a handle's record carries (none on Unix, where
+/// the handle itself rides in SCM_RIGHTS).
+#[cfg(unix)]
+#[inline(always)]
+pub(crate) fn extra_len(_: &OwnedRaw) -> usize {
+    0
+}
 
 /// What a typed conversion requires of a handle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
