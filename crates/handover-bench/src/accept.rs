@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
 
-use crate::report::{Better, Figure, OutputArgs, Report};
+use crate::report::{self, Better, OutputArgs, Report};
 use supervisor::Supervisor;
 
 /// Options of the `accept` scenario.
@@ -165,38 +165,24 @@ pub fn run(args: &Args) -> Result<()> {
     }
     eprintln!("accept: done in {:.1} s", started.elapsed().as_secs_f64());
 
-    let mut figures = Vec::new();
-    for (c, &concurrency) in cases.iter().enumerate() {
-        for (s, &subject) in SUBJECTS.iter().enumerate() {
-            figures.push(Figure {
-                case: format!("{concurrency} concurrent"),
-                subject: subject.name().to_owned(),
-                unit: "conn/s",
-                better: Better::Higher,
-                samples: samples[c][s].iter().map(|x| x.rate).collect(),
-            });
-        }
-    }
-    // CPU time per connection, where /proc could be read: steadier than
-    // the rate on a shared machine.
-    for (c, &concurrency) in cases.iter().enumerate() {
-        let cpu: Vec<Vec<f64>> = samples[c]
-            .iter()
-            .map(|runs| runs.iter().filter_map(|x| x.cpu_us_per_conn).collect())
-            .collect();
-        if cpu.iter().any(Vec::is_empty) {
-            continue;
-        }
-        for (s, &subject) in SUBJECTS.iter().enumerate() {
-            figures.push(Figure {
-                case: format!("{concurrency} concurrent, CPU time"),
-                subject: subject.name().to_owned(),
-                unit: "us/conn",
-                better: Better::Lower,
-                samples: cpu[s].clone(),
-            });
-        }
-    }
+    let case_list: Vec<report::Case> = cases
+        .iter()
+        .map(|concurrency| report::Case {
+            name: format!("{concurrency} concurrent"),
+            unit: "conn/s",
+            better: Better::Higher,
+        })
+        .collect();
+    let names: Vec<&str> = SUBJECTS.iter().map(|s| s.name()).collect();
+    // CPU time per connection, where /proc could be read.
+    let figures = report::figures(
+        &case_list,
+        &names,
+        &samples,
+        |x| x.rate,
+        "us/conn",
+        |x| x.cpu_us_per_conn,
+    );
     let title = format!(
         "one process per connection ({ECHO} {WORD}), {} connections per run from a client on 127.0.0.1; {} CPUs, Linux {}; median of {} runs",
         args.connections,

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
-use crate::report::{Better, Figure, OutputArgs, Report};
+use crate::report::{self, Better, OutputArgs, Report};
 use subjects::{End, HandoverEnd, PassfdEnd, PlainEnd, SendfdEnd};
 
 /// Options of the `channel` scenario.
@@ -229,38 +229,25 @@ pub fn run(args: &Args) -> Result<()> {
     }
     eprintln!("channel: done in {:.1} s", started.elapsed().as_secs_f64());
 
-    let mut figures = Vec::new();
-    for (c, &case) in cases.iter().enumerate() {
-        for (s, &subject) in subjects.iter().enumerate() {
-            figures.push(Figure {
-                case: case.name(),
-                subject: subject.name().to_owned(),
-                unit: case.unit(),
-                better: case.better(),
-                samples: samples[c][s].iter().map(|x| x.value).collect(),
-            });
-        }
-    }
-    // CPU time per handle, where it could be read: a steadier figure than
-    // the rate on a shared machine, and the one that shows overhead.
-    for (c, &case) in cases.iter().enumerate() {
-        let cpu: Vec<Vec<f64>> = samples[c]
-            .iter()
-            .map(|runs| runs.iter().filter_map(|x| x.cpu_ns_per_handle).collect())
-            .collect();
-        if cpu.iter().any(Vec::is_empty) {
-            continue;
-        }
-        for (s, &subject) in subjects.iter().enumerate() {
-            figures.push(Figure {
-                case: format!("{}, CPU time", case.name()),
-                subject: subject.name().to_owned(),
-                unit: "ns/handle",
-                better: Better::Lower,
-                samples: cpu[s].clone(),
-            });
-        }
-    }
+    let case_list: Vec<report::Case> = cases
+        .iter()
+        .map(|&case| report::Case {
+            name: case.name(),
+            unit: case.unit(),
+            better: case.better(),
+        })
+        .collect();
+    let names: Vec<&str> = subjects.iter().map(|s| s.name()).collect();
+    // CPU time per handle, where it could be read: the figure that shows
+    // overhead.
+    let figures = report::figures(
+        &case_list,
+        &names,
+        &samples,
+        |x| x.value,
+        "ns/handle",
+        |x| x.cpu_ns_per_handle,
+    );
     let title = format!(
         "handles over one connection between two threads; {} CPUs, Linux {}; median of {} runs of {} ms",
         thread::available_parallelism().map_or(0, |n| n.get()),

@@ -40,6 +40,58 @@ pub struct Figure {
     pub samples: Vec<f64>,
 }
 
+/// A case as the scenarios lay their samples out: `samples[case][subject]`
+/// holds one entry per run.
+pub struct Case {
+    pub name: String,
+    pub unit: &'static str,
+    pub better: Better,
+}
+
+/// The figures of a scenario: one per case and subject from `value`, then,
+/// for each case where every subject's runs gave one, a "CPU time" figure
+/// from `cpu` (steadier than a rate on a shared machine).
+pub fn figures<S>(
+    cases: &[Case],
+    subjects: &[&str],
+    samples: &[Vec<Vec<S>>],
+    value: impl Fn(&S) -> f64,
+    cpu_unit: &'static str,
+    cpu: impl Fn(&S) -> Option<f64>,
+) -> Vec<Figure> {
+    let mut figures = Vec::new();
+    for (c, case) in cases.iter().enumerate() {
+        for (s, subject) in subjects.iter().enumerate() {
+            figures.push(Figure {
+                case: case.name.clone(),
+                subject: (*subject).to_owned(),
+                unit: case.unit,
+                better: case.better,
+                samples: samples[c][s].iter().map(&value).collect(),
+            });
+        }
+    }
+    for (c, case) in cases.iter().enumerate() {
+        let per_subject: Vec<Vec<f64>> = samples[c]
+            .iter()
+            .map(|runs| runs.iter().filter_map(&cpu).collect())
+            .collect();
+        if per_subject.iter().any(Vec::is_empty) {
+            continue;
+        }
+        for (subject, runs) in subjects.iter().zip(per_subject) {
+            figures.push(Figure {
+                case: format!("{}, CPU time", case.name),
+                subject: (*subject).to_owned(),
+                unit: cpu_unit,
+                better: Better::Lower,
+                samples: runs,
+            });
+        }
+    }
+    figures
+}
+
 /// One row of the report.
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
