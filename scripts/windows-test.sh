@@ -37,5 +37,5 @@ echo "== cargo test for x86_64-pc-windows-gnu under $(wine --version)"
 /usr/bin/cargo test \
     -Zbuild-std=std,panic_abort \
     --target x86_64-pc-windows-gnu \
-    --target-dir target/windows \
+    --target-dir "${HANDOVER_WINDOWS_TARGET_DIR:-target/windows}" \
     -p handover -p handover-cli "$@"
