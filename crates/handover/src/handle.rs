@@ -192,6 +192,19 @@ impl Handle {
             .map(sys::into_file)
     }
 
+    /// The handle as shared memory, ready to map: a memfd (or other shmem
+    /// file) on Linux; on Windows, a section of which a view can be mapped.
+    pub fn into_shared_memory(self) -> Result<crate::SharedMemory, WrongType> {
+        match sys::shared_memory_len(&self.raw) {
+            Ok(len) => Ok(crate::SharedMemory::from_raw(self.raw, len)),
+            Err(found) => Err(WrongType {
+                expected: "shared memory",
+                found,
+                handle: self,
+            }),
+        }
+    }
+
     /// The handle as a channel end, so that channels can travel over channels.
     pub fn into_channel(self) -> Result<crate::Channel, WrongType> {
         self.convert("a handover channel end", sys::Expect::Channel)

@@ -33,6 +33,7 @@ pub mod listen;
 #[cfg(unix)]
 pub mod notify;
 mod outgoing;
+mod shm;
 #[cfg(unix)]
 mod spawn;
 mod sys;
@@ -48,5 +49,6 @@ pub mod windows;
 pub use channel::{Channel, ChannelListener, ChannelOptions, Message, PeerCredentials};
 pub use error::{Error, Result};
 pub use handle::{Handle, HandleKind, SocketFamily, SocketInfo, SocketType, WrongType};
+pub use shm::{Mapping, SharedMemory};
 #[cfg(unix)]
 pub use spawn::{Child, Command};

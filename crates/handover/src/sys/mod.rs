@@ -18,6 +18,14 @@ pub(crate) use unix_spawn::{own_pidfd_inode_id, signal as signal_child};
 mod windows;
 #[cfg(windows)]
 pub(crate) use windows::*;
+#[cfg(unix)]
+mod unix_shm;
+#[cfg(unix)]
+pub(crate) use unix_shm::{create_shared_memory, map_shared_memory, shared_memory_len, View};
+#[cfg(windows)]
+mod windows_shm;
+#[cfg(windows)]
+pub(crate) use windows_shm::{create_shared_memory, map_shared_memory, shared_memory_len, View};
 
 /// Bytes of platform data a handle's record carries (none on Unix, where
 /// the handle itself rides in SCM_RIGHTS).
