@@ -17,6 +17,15 @@
 //! (its children then must not inherit the variables: [`crate::Command`]
 //! never passes them on).
 //!
+//! On Windows there are no descriptor numbers to agree on: a parent that
+//! used [`crate::Command::activation`] names a pipe in
+//! `HANDOVER_ACTIVATION_PIPE`, and [`take`] fetches the handles from it
+//! over a [`crate::Channel`] (sockets rebuilt for this process), checked
+//! against LISTEN_FDS and LISTEN_FDNAMES. The same program source takes
+//! its sockets on both platforms. The parent serves only the process it
+//! started (the pipe reports the client's pid), which stands in for
+//! LISTEN_PID.
+//!
 //! The rules, stricter than most implementations:
 //! - the sockets are ours only when LISTEN_PID is our pid; a different pid
 //!   means "none for us", not an error;
@@ -33,6 +42,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::error::{Error, Result};
 use crate::handle::Handle;
 use crate::spawn::ACTIVATION_VARS;
+#[cfg(unix)]
 use crate::sys;
 
 /// Checks a LISTEN_FDNAMES name: 1 to 255 printable ASCII characters
@@ -53,6 +63,8 @@ pub struct ActivationEnv {
     pub listen_fds: Option<String>,
     pub listen_fdnames: Option<String>,
     pub listen_pidfdid: Option<String>,
+    /// `HANDOVER_ACTIVATION_PIPE`: where a Windows child fetches its handles.
+    pub activation_pipe: Option<String>,
 }
 
 impl ActivationEnv {
@@ -64,6 +76,7 @@ impl ActivationEnv {
             listen_fds: get("LISTEN_FDS"),
             listen_fdnames: get("LISTEN_FDNAMES"),
             listen_pidfdid: get("LISTEN_PIDFDID"),
+            activation_pipe: get("HANDOVER_ACTIVATION_PIPE"),
         }
     }
 }
@@ -126,6 +139,10 @@ pub fn take() -> Result<Activation> {
 /// Takes the activation descriptors described by `env`, leaving the
 /// process environment alone.
 pub fn take_from(env: &ActivationEnv) -> Result<Activation> {
+    #[cfg(windows)]
+    if env.listen_pid.is_none() {
+        return take_from_pipe(env);
+    }
     let Some(pid) = env.listen_pid.as_deref() else {
         return Ok(Activation::default());
     };
@@ -136,6 +153,7 @@ pub fn take_from(env: &ActivationEnv) -> Result<Activation> {
     if pid != std::process::id() {
         return Ok(Activation::default());
     }
+    #[cfg(unix)]
     if let Some(id) = env.listen_pidfdid.as_deref() {
         let id: u64 = id.trim().parse().map_err(|_| {
             Error::Activation(format!("LISTEN_PIDFDID={id:?} is not an inode number"))
@@ -147,10 +165,34 @@ pub fn take_from(env: &ActivationEnv) -> Result<Activation> {
             }
         }
     }
+    let (count, names) = count_and_names(env, "LISTEN_PID is ours")?;
+    #[cfg(windows)]
+    {
+        take_over_pipe(env, count, names)
+    }
+    #[cfg(unix)]
+    {
+        claim()?;
+        let handles = sys::adopt_inherited(LISTEN_FDS_START, count)
+            .inspect_err(|_| TAKEN.store(false, Ordering::Release))?;
+        Ok(Activation {
+            handles: handles
+                .into_iter()
+                .zip(&names)
+                .map(|(fd, name)| Some(Handle::from_raw(fd).with_name(name.clone())))
+                .collect(),
+            names,
+        })
+    }
+}
+
+/// LISTEN_FDS, and LISTEN_FDNAMES checked against it. `why` says why the
+/// variables must be there.
+fn count_and_names(env: &ActivationEnv, why: &str) -> Result<(usize, Vec<String>)> {
     let count_text = env
         .listen_fds
         .as_deref()
-        .ok_or_else(|| Error::Activation("LISTEN_PID is ours but LISTEN_FDS is not set".into()))?;
+        .ok_or_else(|| Error::Activation(format!("{why} but LISTEN_FDS is not set")))?;
     let count: usize = count_text
         .trim()
         .parse()
@@ -171,19 +213,44 @@ pub fn take_from(env: &ActivationEnv) -> Result<Activation> {
             names.len()
         )));
     }
+    Ok((count, names))
+}
+
+/// Marks the activation handles as taken in this process, once.
+fn claim() -> Result<()> {
     if TAKEN.swap(true, Ordering::AcqRel) {
         return Err(Error::Activation(
             "the activation descriptors were already taken in this process".into(),
         ));
     }
-    let handles = sys::adopt_inherited(LISTEN_FDS_START, count)
+    Ok(())
+}
+
+/// Windows without LISTEN_PID: the handles are fetched from the pipe named
+/// in HANDOVER_ACTIVATION_PIPE, if any.
+#[cfg(windows)]
+fn take_from_pipe(env: &ActivationEnv) -> Result<Activation> {
+    if env.activation_pipe.is_none() {
+        return Ok(Activation::default());
+    }
+    let (count, names) = count_and_names(env, "HANDOVER_ACTIVATION_PIPE is set")?;
+    take_over_pipe(env, count, names)
+}
+
+#[cfg(windows)]
+fn take_over_pipe(env: &ActivationEnv, count: usize, names: Vec<String>) -> Result<Activation> {
+    let Some(pipe) = env.activation_pipe.as_deref() else {
+        return Err(Error::Activation(
+            "LISTEN_FDS is set but HANDOVER_ACTIVATION_PIPE is not: on Windows the handles \
+             come over that pipe"
+                .into(),
+        ));
+    };
+    claim()?;
+    let handles = crate::bootstrap::fetch(pipe, count, &names)
         .inspect_err(|_| TAKEN.store(false, Ordering::Release))?;
     Ok(Activation {
-        handles: handles
-            .into_iter()
-            .zip(&names)
-            .map(|(fd, name)| Some(Handle::from_raw(fd).with_name(name.clone())))
-            .collect(),
+        handles: handles.into_iter().map(Some).collect(),
         names,
     })
 }

@@ -22,9 +22,10 @@
 //! conveniences (Unix sockets, descriptors, uid/gid) live in `unix`; Windows
 //! ones (`OwnedHandle`, `OwnedSocket`) in `windows`.
 
-#[cfg(unix)]
 pub mod activation;
 mod assemble;
+#[cfg(windows)]
+mod bootstrap;
 mod channel;
 mod error;
 mod handle;
@@ -34,7 +35,6 @@ pub mod listen;
 pub mod notify;
 mod outgoing;
 mod shm;
-#[cfg(unix)]
 mod spawn;
 mod sys;
 pub mod wire;
@@ -50,5 +50,4 @@ pub use channel::{Channel, ChannelListener, ChannelOptions, Message, PeerCredent
 pub use error::{Error, Result};
 pub use handle::{Handle, HandleKind, SocketFamily, SocketInfo, SocketType, WrongType};
 pub use shm::{Mapping, SharedMemory};
-#[cfg(unix)]
 pub use spawn::{Child, Command};

@@ -7,6 +7,11 @@
 //! LISTEN_FDNAMES, LISTEN_PID set to the child's own pid (written by the
 //! child itself after clone, without allocating) and LISTEN_PIDFDID where
 //! the kernel gives pidfds an identity.
+//!
+//! On Windows the child inherits exactly the handles listed (its standard
+//! handles and those given to `windows::CommandExt::inherit`) through
+//! PROC_THREAD_ATTRIBUTE_HANDLE_LIST, and activation handles are fetched
+//! by the child over a channel instead (see `bootstrap.rs`).
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
@@ -17,12 +22,23 @@ use crate::handle::Handle;
 use crate::sys;
 
 /// The variables of the activation protocol. A child never inherits ours.
-pub(crate) const ACTIVATION_VARS: [&str; 4] = [
+pub(crate) const ACTIVATION_VARS: [&str; 5] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
     "LISTEN_PIDFDID",
+    "HANDOVER_ACTIVATION_PIPE",
 ];
+
+/// Whether two environment variable names are the same: exactly on Unix,
+/// regardless of ASCII case on Windows.
+fn same_var(a: &OsStr, b: &OsStr) -> bool {
+    if cfg!(windows) {
+        a.eq_ignore_ascii_case(b)
+    } else {
+        a == b
+    }
+}
 
 /// What a child is started with.
 #[derive(Debug)]
@@ -34,11 +50,25 @@ pub struct Command {
     env_clear: bool,
     cwd: Option<PathBuf>,
     activation: Vec<Handle>,
-    #[cfg_attr(not(unix), allow(dead_code))]
+    #[cfg(unix)]
     pub(crate) unix: UnixOptions,
+    #[cfg(windows)]
+    pub(crate) windows: WindowsOptions,
+}
+
+/// The Windows-only choices, set through [`crate::windows::CommandExt`].
+#[cfg(windows)]
+#[derive(Debug, Default)]
+pub(crate) struct WindowsOptions {
+    /// stdin, stdout and stderr; `None` gives the child a copy of ours.
+    pub stdio: [Option<Handle>; 3],
+    pub inherit: Vec<Handle>,
+    pub creation_flags: u32,
+    pub systemfd: bool,
 }
 
 /// The Unix-only choices, set through [`crate::unix::CommandExt`].
+#[cfg(unix)]
 #[derive(Debug, Default)]
 pub(crate) struct UnixOptions {
     pub placed: Vec<(i32, Handle)>,
@@ -61,8 +91,39 @@ impl Command {
             env_clear: false,
             cwd: None,
             activation: Vec::new(),
+            #[cfg(unix)]
             unix: UnixOptions::default(),
+            #[cfg(windows)]
+            windows: WindowsOptions::default(),
         }
+    }
+
+    /// The child's standard input. The command keeps the handle until it
+    /// is dropped: drop it after spawning, or the child will never see end
+    /// of input on a pipe whose writing end the command still holds.
+    pub fn stdin(&mut self, handle: Handle) -> &mut Command {
+        self.stdio(0, handle)
+    }
+
+    /// The child's standard output (see [`Command::stdin`]).
+    pub fn stdout(&mut self, handle: Handle) -> &mut Command {
+        self.stdio(1, handle)
+    }
+
+    /// The child's standard error (see [`Command::stdin`]).
+    pub fn stderr(&mut self, handle: Handle) -> &mut Command {
+        self.stdio(2, handle)
+    }
+
+    #[cfg(unix)]
+    fn stdio(&mut self, n: usize, handle: Handle) -> &mut Command {
+        crate::unix::CommandExt::fd(self, n as i32, handle)
+    }
+
+    #[cfg(windows)]
+    fn stdio(&mut self, n: usize, handle: Handle) -> &mut Command {
+        self.windows.stdio[n] = Some(handle);
+        self
     }
 
     /// Adds an argument.
@@ -139,33 +200,71 @@ impl Command {
     /// Starts the child.
     pub fn spawn(&self) -> Result<Child> {
         let path = self.resolve_program()?;
-        let env = self.child_env();
         let mut argv = Vec::with_capacity(self.args.len() + 1);
         argv.push(self.program.clone());
         argv.extend(self.args.iter().cloned());
-        let inner = sys::spawn_child(self, &path, &argv, env)?;
-        Ok(Child {
-            inner,
-            status: None,
-        })
+        #[cfg(unix)]
+        {
+            let inner = sys::spawn_child(self, &path, &argv, self.child_env(Vec::new()))?;
+            Ok(Child {
+                inner,
+                status: None,
+            })
+        }
+        #[cfg(windows)]
+        {
+            if self.activation.is_empty() {
+                let inner = sys::spawn_child(self, &path, &argv, self.child_env(Vec::new()))?;
+                return Ok(Child {
+                    inner,
+                    status: None,
+                    bootstrap: None,
+                });
+            }
+            let server = crate::bootstrap::Prepared::new(self.windows.systemfd)?;
+            let env = self.child_env(server.env()?);
+            let inner = sys::spawn_child(self, &path, &argv, env)?;
+            let mut child = Child {
+                inner,
+                status: None,
+                bootstrap: None,
+            };
+            let serving = child
+                .inner
+                .exit_watch()
+                .map_err(Error::io("DuplicateHandle"))
+                .and_then(|watch| server.serve(child.id(), watch, &self.activation));
+            match serving {
+                Ok(s) => child.bootstrap = Some(s),
+                Err(e) => {
+                    // Without its handles the child cannot start properly.
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(e);
+                }
+            }
+            Ok(child)
+        }
     }
 
-    fn child_env(&self) -> Vec<OsString> {
+    /// The child's environment: ours (or none) with the command's changes,
+    /// the activation variables and `extra` (the Windows bootstrap's).
+    fn child_env(&self, extra: Vec<(OsString, OsString)>) -> Vec<OsString> {
         let mut vars: Vec<(OsString, OsString)> = if self.env_clear {
             Vec::new()
         } else {
             std::env::vars_os()
-                .filter(|(k, _)| !ACTIVATION_VARS.iter().any(|v| k == v))
+                .filter(|(k, _)| !ACTIVATION_VARS.iter().any(|v| same_var(k, v.as_ref())))
                 .collect()
         };
         for (key, value) in &self.env {
-            vars.retain(|(k, _)| k != key);
+            vars.retain(|(k, _)| !same_var(k, key));
             if let Some(value) = value {
                 vars.push((key.clone(), value.clone()));
             }
         }
         if !self.activation.is_empty() {
-            vars.retain(|(k, _)| !ACTIVATION_VARS.iter().any(|v| k == v));
+            vars.retain(|(k, _)| !ACTIVATION_VARS.iter().any(|v| same_var(k, v.as_ref())));
             let names: Vec<&str> = self
                 .activation
                 .iter()
@@ -176,6 +275,10 @@ impl Command {
                 self.activation.len().to_string().into(),
             ));
             vars.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
+        }
+        for (key, value) in extra {
+            vars.retain(|(k, _)| !same_var(k, &key));
+            vars.push((key, value));
         }
         vars.into_iter()
             .map(|(k, v)| {
@@ -206,33 +309,49 @@ impl Command {
         if self.program.is_empty() {
             return Err(not_found());
         }
-        if self.program.as_encoded_bytes().contains(&b'/') {
-            return if sys::is_executable(program) {
-                Ok(program.to_owned())
-            } else {
-                Err(not_found())
-            };
+        let separators: &[u8] = if cfg!(windows) { b"/\\:" } else { b"/" };
+        let runnable = |p: &Path| candidates(p).into_iter().find(|c| sys::is_executable(c));
+        if self
+            .program
+            .as_encoded_bytes()
+            .iter()
+            .any(|b| separators.contains(b))
+        {
+            return runnable(program).ok_or_else(not_found);
         }
         let path_var = self
             .env
             .iter()
             .rev()
-            .find(|(k, _)| k == "PATH")
+            .find(|(k, _)| same_var(k, "PATH".as_ref()))
             .map(|(_, v)| v.clone())
             .unwrap_or_else(|| std::env::var_os("PATH"));
         let path_var = path_var.unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
         std::env::split_paths(&path_var)
-            .map(|dir| dir.join(program))
-            .find(|candidate| sys::is_executable(candidate))
+            .find_map(|dir| runnable(&dir.join(program)))
             .ok_or_else(not_found)
     }
 
+    #[cfg(unix)]
     pub(crate) fn activation_fds(&self) -> impl Iterator<Item = (&Handle, i32)> {
         self.activation.iter().zip(3..)
     }
 
     pub(crate) fn cwd(&self) -> Option<&Path> {
         self.cwd.as_deref()
+    }
+}
+
+/// The files a program name may refer to: itself, and on Windows also
+/// with `.exe` when it has no extension.
+fn candidates(path: &Path) -> Vec<PathBuf> {
+    #[cfg(windows)]
+    {
+        sys::program_candidates(path)
+    }
+    #[cfg(not(windows))]
+    {
+        vec![path.to_owned()]
     }
 }
 
@@ -257,6 +376,10 @@ pub(crate) fn check_fdname(name: &str) -> Result<()> {
 pub struct Child {
     pub(crate) inner: sys::Spawned,
     status: Option<ExitStatus>,
+    /// Serves the child its activation handles (Windows), until it has
+    /// them or exits.
+    #[cfg(windows)]
+    bootstrap: Option<crate::bootstrap::Serving>,
 }
 
 impl Child {
@@ -270,7 +393,7 @@ impl Child {
         if let Some(s) = self.status {
             return Ok(s);
         }
-        let status = sys::wait_child(self.inner.pid, true)
+        let status = sys::wait_child(&self.inner, true)
             .map_err(Error::io("waitpid"))?
             .ok_or_else(|| Error::Io {
                 op: "waitpid",
@@ -283,7 +406,7 @@ impl Child {
     /// The exit status if the child has exited, without waiting.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
         if self.status.is_none() {
-            self.status = sys::wait_child(self.inner.pid, false).map_err(Error::io("waitpid"))?;
+            self.status = sys::wait_child(&self.inner, false).map_err(Error::io("waitpid"))?;
         }
         Ok(self.status)
     }

@@ -9,6 +9,7 @@ use std::os::windows::io::{
 };
 
 use crate::handle::Handle;
+use crate::spawn::Command;
 use crate::sys::OwnedRaw;
 
 impl From<OwnedHandle> for Handle {
@@ -62,5 +63,56 @@ impl HandleExt for Handle {
             OwnedRaw::Socket(s) => Ok(s),
             raw @ OwnedRaw::Handle(_) => Err(Handle { raw, ..self }),
         }
+    }
+}
+
+/// Windows-only choices for starting a child.
+///
+/// A child started by [`Command`] inherits exactly its three standard
+/// handles and the handles given to [`inherit`](CommandExt::inherit),
+/// through PROC_THREAD_ATTRIBUTE_HANDLE_LIST; every other inheritable
+/// handle of this process stays out. The listed handles are marked
+/// inheritable only while CreateProcessW runs, under a lock that
+/// serialises handover's spawns; a `std::process::Command` spawned by
+/// another thread at that very moment could still inherit them (std's own
+/// lock cannot be shared), so do not mix the two in one process when that
+/// matters.
+pub trait CommandExt {
+    /// Lets the child inherit `handle`, at the same handle value as here
+    /// (tell the child that value, for example in an argument). Sockets
+    /// are refused: pass them with [`Command::activation`].
+    fn inherit(&mut self, handle: Handle) -> crate::Result<&mut Command>;
+    /// Extra CreateProcessW creation flags, such as CREATE_NO_WINDOW or
+    /// CREATE_NEW_PROCESS_GROUP.
+    fn creation_flags(&mut self, flags: u32) -> &mut Command;
+    /// Also serves the activation sockets by systemfd's protocol
+    /// (SYSTEMFD_SOCKET_SERVER, SYSTEMFD_SOCKET_SECRET), so that programs
+    /// written against the `listenfd` crate find them, for as long as the
+    /// child runs.
+    fn systemfd(&mut self, on: bool) -> &mut Command;
+}
+
+impl CommandExt for Command {
+    fn inherit(&mut self, handle: Handle) -> crate::Result<&mut Command> {
+        if let OwnedRaw::Socket(_) = handle.raw {
+            return Err(crate::Error::InvalidInput {
+                what: "inherit",
+                why: "sockets are not inherited on Windows (Winsock does not promise that \
+                      inherited sockets work); pass them with Command::activation"
+                    .into(),
+            });
+        }
+        self.windows.inherit.push(handle);
+        Ok(self)
+    }
+
+    fn creation_flags(&mut self, flags: u32) -> &mut Command {
+        self.windows.creation_flags = flags;
+        self
+    }
+
+    fn systemfd(&mut self, on: bool) -> &mut Command {
+        self.windows.systemfd = on;
+        self
     }
 }

@@ -171,6 +171,7 @@ fn take_from_follows_the_rules() {
         listen_fds: Some(fds.into()),
         listen_fdnames: names.map(Into::into),
         listen_pidfdid: None,
+        ..Default::default()
     };
     let ours = Some(std::process::id().to_string());
     // Not for us: another pid, or no LISTEN_PID at all.

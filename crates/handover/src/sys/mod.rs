@@ -18,6 +18,13 @@ pub(crate) use unix_spawn::{own_pidfd_inode_id, signal as signal_child};
 mod windows;
 #[cfg(windows)]
 pub(crate) use windows::*;
+#[cfg(windows)]
+mod windows_spawn;
+#[cfg(windows)]
+pub(crate) use windows_spawn::{
+    is_executable, kill_child, program_candidates, random_bytes, socket_protocol_info_for,
+    spawn_child, wait_child, ExitWatch, Spawned,
+};
 #[cfg(unix)]
 mod unix_shm;
 #[cfg(unix)]

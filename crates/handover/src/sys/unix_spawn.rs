@@ -819,8 +819,11 @@ pub(crate) fn is_executable(path: &std::path::Path) -> bool {
     rustix::fs::access(path, rustix::fs::Access::EXEC_OK).is_ok() && path.is_file()
 }
 
-pub(crate) fn wait_child(pid: u32, hang: bool) -> io::Result<Option<std::process::ExitStatus>> {
-    wait(pid, hang)
+pub(crate) fn wait_child(
+    child: &Spawned,
+    hang: bool,
+) -> io::Result<Option<std::process::ExitStatus>> {
+    wait(child.pid, hang)
 }
 
 pub(crate) fn kill_child(child: &Spawned) -> io::Result<()> {
