@@ -3,6 +3,9 @@
 mod demo;
 #[cfg(unix)]
 mod run;
+#[cfg(windows)]
+#[path = "run_windows.rs"]
+mod run;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -26,7 +29,6 @@ enum Command {
     Demo,
     /// Bind sockets and run PROGRAM on them by the socket-activation
     /// protocol (LISTEN_FDS), staying as its supervisor.
-    #[cfg(unix)]
     Run(run::RunArgs),
     /// The second process of `handover demo` (internal).
     #[command(hide = true)]
@@ -67,7 +69,6 @@ fn real_main() -> Result<()> {
     match Cli::parse().command {
         Command::Demo => demo::run(),
         Command::DemoServer { channel } => demo::serve(&channel),
-        #[cfg(unix)]
         Command::Run(args) => run::run(args),
     }
 }

@@ -29,7 +29,6 @@ mod bootstrap;
 mod channel;
 mod error;
 mod handle;
-#[cfg(unix)]
 pub mod listen;
 #[cfg(unix)]
 pub mod notify;

@@ -19,6 +19,10 @@ mod windows;
 #[cfg(windows)]
 pub(crate) use windows::*;
 #[cfg(windows)]
+mod windows_listen;
+#[cfg(windows)]
+pub(crate) use windows_listen::{bind_inet, bind_unix, SocketFile, EAFNOSUPPORT};
+#[cfg(windows)]
 mod windows_spawn;
 #[cfg(windows)]
 pub(crate) use windows_spawn::{
