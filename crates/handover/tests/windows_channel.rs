@@ -6,6 +6,7 @@
 
 mod windows_common;
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -343,6 +344,73 @@ fn listener_passed_to_a_child_process_serves() {
     // The child's "served" also brings its ack along first.
     assert_eq!(ch.recv_timeout(WAIT).unwrap().unwrap().bytes, b"served");
     assert!(child.wait().unwrap().success());
+}
+
+/// Two sibling processes, neither the other's parent: one binds a TCP
+/// listener and hands it over a named channel to the other, which serves.
+#[test]
+fn a_listener_passes_between_unrelated_processes() {
+    const TEST: &str = "a_listener_passes_between_unrelated_processes";
+    match std::env::var(ROLE).as_deref() {
+        Ok("receiver") => {
+            let name = std::env::var(CHANNEL).unwrap();
+            let channels = ChannelListener::bind_name(&name).unwrap();
+            println!("<<bound>>");
+            let ch = channels.accept_timeout(WAIT).unwrap();
+            let mut m = ch.recv_timeout(WAIT).unwrap().unwrap();
+            let listener = m.take("http").unwrap().into_tcp_listener().unwrap();
+            ch.send(b"got it", &[]).unwrap();
+            let (mut s, _) = listener.accept().unwrap();
+            write!(s, "served by {}", std::process::id()).unwrap();
+            return;
+        }
+        Ok("sender") => {
+            let name = std::env::var(CHANNEL).unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            println!("<<addr {}>>", listener.local_addr().unwrap());
+            let ch = Channel::connect_name_timeout(&name, WAIT).unwrap();
+            ch.send(b"here", &[Handle::from(listener).with_name("http")])
+                .unwrap();
+            // Stay until the receiver has rebuilt the socket.
+            assert_eq!(ch.recv_timeout(WAIT).unwrap().unwrap().bytes, b"got it");
+            return;
+        }
+        _ => {}
+    }
+    use std::io::BufRead;
+    let name = unique("siblings");
+    let sibling = |role: &str| {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+            .env(ROLE, role)
+            .env(CHANNEL, &name)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // The marker a sibling prints, read line by line from its stdout.
+    let marker = |child: &mut std::process::Child, prefix: &str| -> String {
+        let mut out = std::io::BufReader::new(child.stdout.as_mut().unwrap());
+        loop {
+            let mut line = String::new();
+            assert_ne!(out.read_line(&mut line).unwrap(), 0, "no {prefix} marker");
+            if let Some(at) = line.find(prefix) {
+                let rest = &line[at + prefix.len()..];
+                return rest[..rest.find(">>").unwrap()].to_owned();
+            }
+        }
+    };
+    let mut receiver = sibling("receiver");
+    marker(&mut receiver, "<<bound");
+    let mut sender = sibling("sender");
+    let addr = marker(&mut sender, "<<addr ");
+    let mut client = TcpStream::connect(addr.trim()).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, format!("served by {}", receiver.id()));
+    assert!(sender.wait().unwrap().success());
+    assert!(receiver.wait().unwrap().success());
 }
 
 // --- hostile input on the transport ----------------------------------
