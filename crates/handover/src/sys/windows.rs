@@ -15,7 +15,7 @@
 //!
 //! All pipe I/O is overlapped, so that waits can have deadlines.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::fs::File;
 use std::io;
 use std::net::{TcpListener, TcpStream, UdpSocket};
@@ -29,7 +29,8 @@ use std::time::Instant;
 
 use windows_sys::Win32::Foundation::{
     DuplicateHandle, GetLastError, DUPLICATE_SAME_ACCESS, ERROR_BROKEN_PIPE, ERROR_IO_INCOMPLETE,
-    ERROR_IO_PENDING, ERROR_MORE_DATA, ERROR_NO_DATA, ERROR_PIPE_BUSY, ERROR_PIPE_CONNECTED,
+    ERROR_IO_PENDING, ERROR_MORE_DATA, ERROR_NO_DATA, ERROR_OPERATION_ABORTED, ERROR_PIPE_BUSY,
+    ERROR_PIPE_CONNECTED,
     ERROR_PIPE_NOT_CONNECTED, GENERIC_READ, GENERIC_WRITE, HANDLE, INVALID_HANDLE_VALUE,
     WAIT_OBJECT_0, WAIT_TIMEOUT,
 };
@@ -104,7 +105,7 @@ pub(crate) fn extra_len(raw: &OwnedRaw) -> usize {
     }
 }
 
-fn winsock_init() {
+pub(crate) fn winsock_init() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
         // SAFETY: WSADATA is plain data that WSAStartup fills in. Winsock
@@ -477,7 +478,7 @@ struct ReadState {
 /// copies that go with it, and how a write that finished in `wait` ended.
 struct WriteState {
     op: Op,
-    copies: Option<(u32, Vec<OwnedHandle>)>,
+    copies: Option<(u32, Vec<TransferCopy>)>,
     done: Option<Done>,
 }
 
@@ -491,7 +492,38 @@ struct AckState {
 
 /// Transfer copies of frames sent and not yet acknowledged, oldest first:
 /// (message seq, the copies). Closed when the peer acknowledges the frame.
-type InFlight = VecDeque<(u32, Vec<OwnedHandle>)>;
+type InFlight = VecDeque<(u32, Vec<TransferCopy>)>;
+
+/// The values of every transfer copy this process holds open, whatever
+/// the channel. When the kernel names this very process as a channel's
+/// peer (a pair, an in-process client, or a pair whose other end has
+/// been handed to another process since), a value off the wire is only
+/// pulled if it is one of these: never any other handle of this
+/// process's own table.
+static TRANSFER_COPIES: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
+
+/// A transfer copy, listed in `TRANSFER_COPIES` for as long as it is open.
+struct TransferCopy(OwnedHandle);
+
+impl TransferCopy {
+    fn new(copy: OwnedHandle) -> TransferCopy {
+        lock(&TRANSFER_COPIES).insert(copy.as_raw_handle() as usize);
+        TransferCopy(copy)
+    }
+
+    /// Leaves the copy open (and listed) for good.
+    fn leak(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for TransferCopy {
+    fn drop(&mut self) {
+        // Unlisted before the handle closes (the field drops after this),
+        // so that a value is never listed while it names something else.
+        lock(&TRANSFER_COPIES).remove(&(self.0.as_raw_handle() as usize));
+    }
+}
 
 /// Everything of a transport but the pipe handle itself, which `Transport`
 /// owns and drops after this (field order), so that `file` stays valid
@@ -662,6 +694,21 @@ fn connect_instance(
     op: &mut Op,
     deadline: Option<Instant>,
 ) -> io::Result<bool> {
+    let was_pending = op.pending;
+    match connect_once(instance, op, deadline) {
+        // The thread that started the connect (an `accept_timeout` that
+        // gave up) has exited since, which cancels its I/O: wait for the
+        // next client with a new one.
+        Err(e) if was_pending && is_aborted(&e) => connect_once(instance, op, deadline),
+        other => other,
+    }
+}
+
+fn connect_once(
+    instance: &OwnedHandle,
+    op: &mut Op,
+    deadline: Option<Instant>,
+) -> io::Result<bool> {
     if !op.pending {
         op.reset();
         // SAFETY: `ov` is boxed and stays alive and in place until the
@@ -689,6 +736,14 @@ fn connect_instance(
         Some(Done::Failed(e)) => Err(e),
         Some(Done::MoreData(_)) | None => Ok(false),
     }
+}
+
+/// An operation cancelled: Windows cancels the I/O a thread started when
+/// that thread exits, so a read or connect left pending by a timed-out
+/// call in a thread that has ended since reports this. Nothing was
+/// transferred; the operation is started again.
+fn is_aborted(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(ERROR_OPERATION_ABORTED as i32)
 }
 
 fn is_end_of_stream(e: &io::Error) -> bool {
@@ -765,7 +820,8 @@ impl Inner {
             if st.ready.is_some() {
                 return Ok(true);
             }
-            let done = if st.op.pending {
+            let was_pending = st.op.pending;
+            let done = if was_pending {
                 if !st.op.wait(deadline)? {
                     return Ok(false);
                 }
@@ -794,6 +850,9 @@ impl Inner {
                         None => st.ready = Some(Done::Bytes(n)),
                     }
                 }
+                // Left pending by a thread that has exited since (see
+                // `is_aborted`): nothing was read, read again.
+                Some(Done::Failed(e)) if was_pending && is_aborted(&e) => {}
                 Some(other) => st.ready = Some(other),
                 None => {}
             }
@@ -837,8 +896,18 @@ impl Inner {
         let file = self.file();
         let mut st = lock(&self.acks);
         loop {
-            if st.op.pending && st.op.finish(file, false).is_none() {
-                return;
+            if st.op.pending {
+                match st.op.finish(file, false) {
+                    None => return,
+                    // Cancelled by the exit of the thread that started it
+                    // (see `is_aborted`): written again, first.
+                    Some(Done::Failed(e)) if is_aborted(&e) => {
+                        if let Ok(ack) = <[u8; wire::HEADER_LEN]>::try_from(&st.op.buf[..]) {
+                            st.queue.push_front(ack);
+                        }
+                    }
+                    Some(_) => {}
+                }
             }
             let Some(ack) = st.queue.pop_front() else {
                 return;
@@ -872,7 +941,7 @@ impl Inner {
     fn export(
         &self,
         h: &Handle,
-        copies: &mut Vec<OwnedHandle>,
+        copies: &mut Vec<TransferCopy>,
         extra: &mut Vec<u8>,
     ) -> io::Result<u32> {
         match &h.raw {
@@ -913,7 +982,7 @@ impl Inner {
                 // Handle values are 32-bit significant on 64-bit Windows
                 // (documented, for 32/64-bit interoperability).
                 let value = copy.as_raw_handle() as usize as u32;
-                copies.push(copy);
+                copies.push(TransferCopy::new(copy));
                 Ok(value)
             }
         }
@@ -930,6 +999,18 @@ impl Inner {
         };
         if value == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "handle value 0"));
+        }
+        // A peer in this very process may only name transfer copies; the
+        // list stays locked until the duplicate is made, so that a listed
+        // value cannot be closed and reused meanwhile.
+        let listed = (self.peer_pid == std::process::id()).then(|| lock(&TRANSFER_COPIES));
+        if let Some(list) = &listed {
+            if !list.contains(&(value as usize)) {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("handle value {value:#x} is no transfer copy of this process"),
+                ));
+            }
         }
         let mut out: HANDLE = std::ptr::null_mut();
         // SAFETY: duplicates from the peer's table into this process,
@@ -948,6 +1029,7 @@ impl Inner {
         if ok == 0 {
             return Err(io::Error::last_os_error());
         }
+        drop(listed);
         // SAFETY: a fresh handle that nothing else owns.
         Ok(unsafe { OwnedHandle::from_raw_handle(out as RawHandle) })
     }
@@ -1236,7 +1318,7 @@ impl Drop for Inner {
             );
             for (_, copies) in in_flight {
                 for c in copies {
-                    let _ = c.into_raw_handle();
+                    c.leak();
                 }
             }
         }
