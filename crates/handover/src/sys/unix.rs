@@ -715,7 +715,16 @@ pub(crate) struct RawNotification {
     pub uid: u32,
     pub payload: Vec<u8>,
     pub fds: Vec<OwnedFd>,
+    /// Where the sender's socket is bound (None when it is unbound, so no
+    /// reply can reach it).
+    pub sender: Option<SocketAddrUnix>,
+    /// The datagram did not fit (MSG_TRUNC or MSG_CTRUNC): its payload is
+    /// empty and the descriptors that arrived were closed.
+    pub truncated: bool,
 }
+
+/// The largest notification handled, as systemd's NOTIFY_BUFFER_MAX.
+const NOTIFY_BUFFER: usize = 4096;
 
 /// The receiving end of the sd_notify protocol: an abstract datagram
 /// socket with SO_PASSCRED, so every message comes with the sender's pid.
@@ -757,11 +766,13 @@ impl NotifyReceiver {
     }
 
     /// One datagram, or None when nothing is queued. Descriptors are
-    /// closed unless `keep_fds`; truncated datagrams are dropped whole.
+    /// closed unless `keep_fds`, and always for a truncated datagram,
+    /// which is returned with `truncated` set and no payload. Descriptors
+    /// are received close-on-exec (MSG_CMSG_CLOEXEC).
     pub fn recv(&self, keep_fds: bool) -> io::Result<Option<RawNotification>> {
         const SPACE: usize = rustix::cmsg_space!(ScmRights(253), ScmCredentials(1));
         loop {
-            let mut buf = vec![0u8; 4096];
+            let mut buf = vec![0u8; NOTIFY_BUFFER];
             let mut space = [MaybeUninit::<u8>::uninit(); SPACE];
             let mut control = RecvAncillaryBuffer::new(&mut space);
             let msg = {
@@ -778,6 +789,8 @@ impl NotifyReceiver {
                     Err(e) => return Err(e.into()),
                 }
             };
+            // Every descriptor becomes an OwnedFd here, before any check,
+            // so that each path below closes what it does not keep.
             let mut fds = Vec::new();
             let mut cred = None;
             for m in control.drain() {
@@ -788,29 +801,74 @@ impl NotifyReceiver {
                 }
             }
             let Some(cred) = cred else { continue };
-            if msg.flags.contains(ReturnFlags::TRUNC) || msg.flags.contains(ReturnFlags::CTRUNC) {
-                continue;
+            let truncated =
+                msg.flags.contains(ReturnFlags::TRUNC) || msg.flags.contains(ReturnFlags::CTRUNC);
+            if truncated {
+                buf.clear();
+                fds.clear();
+            } else {
+                buf.truncate(msg.bytes);
             }
-            buf.truncate(msg.bytes);
             if !keep_fds {
                 fds.clear();
             }
+            let sender = msg
+                .address
+                .and_then(|a| SocketAddrUnix::try_from(a).ok())
+                .filter(|a| !a.is_unnamed());
             return Ok(Some(RawNotification {
                 pid: rustix::process::Pid::as_raw(Some(cred.pid)) as u32,
                 uid: cred.uid.as_raw(),
                 payload: buf,
                 fds,
+                sender,
+                truncated,
             }));
+        }
+    }
+
+    /// Sends one datagram to a sender's address, without waiting: a full
+    /// receive queue there is an error (EAGAIN), not a stall.
+    pub fn reply(&self, to: &SocketAddrUnix, payload: &[u8]) -> io::Result<()> {
+        loop {
+            match rnet::sendto(
+                &self.fd,
+                payload,
+                SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+                to,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 }
 
-/// Sends one sd_notify datagram to `target` ("@abstract" or a path).
-pub(crate) fn notify_send(target: &str, payload: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    let addr = match target.strip_prefix('@') {
+fn notify_target(target: &str) -> io::Result<SocketAddrUnix> {
+    Ok(match target.strip_prefix('@') {
         Some(name) => SocketAddrUnix::new_abstract_name(name.as_bytes())?,
         None => SocketAddrUnix::new(target)?,
-    };
+    })
+}
+
+fn notify_control<'a>(
+    space: &'a mut [MaybeUninit<u8>],
+    fds: &'a [BorrowedFd<'a>],
+) -> io::Result<SendAncillaryBuffer<'a, 'a, 'a>> {
+    let mut control = SendAncillaryBuffer::new(space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many descriptors",
+        ));
+    }
+    Ok(control)
+}
+
+/// Sends one sd_notify datagram to `target` ("@abstract" or a path).
+pub(crate) fn notify_send(target: &str, payload: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let addr = notify_target(target)?;
     let fd = rnet::socket_with(
         AddressFamily::UNIX,
         RawType::DGRAM,
@@ -818,13 +876,7 @@ pub(crate) fn notify_send(target: &str, payload: &[u8], fds: &[BorrowedFd<'_>]) 
         None,
     )?;
     let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(253))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "too many descriptors",
-        ));
-    }
+    let mut control = notify_control(&mut space, fds)?;
     rnet::sendmsg_addr(
         &fd,
         &addr,
@@ -833,4 +885,74 @@ pub(crate) fn notify_send(target: &str, payload: &[u8], fds: &[BorrowedFd<'_>]) 
         SendFlags::NOSIGNAL,
     )?;
     Ok(())
+}
+
+/// The client end of a notification that expects an answer: a datagram
+/// socket autobound to a kernel-chosen abstract address and connected to
+/// the supervisor, so that the kernel delivers datagrams from the
+/// supervisor's socket only (anyone else's sendto fails with EPERM).
+pub(crate) struct NotifyClient {
+    fd: OwnedFd,
+}
+
+impl NotifyClient {
+    pub fn connect(target: &str) -> io::Result<NotifyClient> {
+        let addr = notify_target(target)?;
+        let fd = rnet::socket_with(
+            AddressFamily::UNIX,
+            RawType::DGRAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )?;
+        // An unnamed address asks the kernel to autobind.
+        rnet::bind(&fd, &SocketAddrUnix::new_unnamed())?;
+        rnet::connect(&fd, &addr)?;
+        Ok(NotifyClient { fd })
+    }
+
+    pub fn send(&self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(253))];
+        let mut control = notify_control(&mut space, fds)?;
+        rnet::sendmsg(
+            &self.fd,
+            &[IoSlice::new(payload)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )?;
+        Ok(())
+    }
+
+    /// One datagram's payload, or None once the deadline has passed.
+    /// Descriptors attached to it (none should be) are closed.
+    pub fn recv(&self, deadline: Instant) -> io::Result<Option<Vec<u8>>> {
+        loop {
+            if !wait_fd(self.fd.as_fd(), Direction::Read, Some(deadline))? {
+                return Ok(None);
+            }
+            let mut buf = vec![0u8; NOTIFY_BUFFER];
+            let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(16))];
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let msg = match rnet::recvmsg(
+                &self.fd,
+                &mut iov,
+                &mut control,
+                RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+            ) {
+                Ok(m) => m,
+                Err(Errno::AGAIN) | Err(Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for m in control.drain() {
+                if let RecvAncillaryMessage::ScmRights(it) = m {
+                    it.for_each(drop);
+                }
+            }
+            if msg.flags.contains(ReturnFlags::TRUNC) {
+                continue;
+            }
+            buf.truncate(msg.bytes);
+            return Ok(Some(buf));
+        }
+    }
 }
