@@ -158,8 +158,9 @@ pub fn remove_stored(name: &str) -> Result<bool> {
     Ok(true)
 }
 
-/// [`store`], then waits up to `timeout` for the supervisor's answer
-/// (handover's acknowledgement extension).
+/// [`store`], then waits for the supervisor's answer (handover's
+/// acknowledgement extension). `timeout` bounds the whole exchange,
+/// including a wait for room in a full supervisor queue.
 ///
 /// Only handover answers: systemd and other supervisors accept the request
 /// (they ignore the unknown `HANDOVER_ACK=` field) but never reply, so
@@ -204,18 +205,22 @@ fn acked(mut text: String, fds: &[BorrowedFd<'_>], timeout: Duration) -> Result<
     // third process that guessed the autobound address.
     let client =
         sys::NotifyClient::connect(&target).map_err(Error::io("connect(NOTIFY_SOCKET)"))?;
-    client
-        .send(text.as_bytes(), fds)
-        .map_err(Error::io("sendmsg(NOTIFY_SOCKET)"))?;
+    let timed_out = || Error::TimedOut {
+        op: "receive the fd store's acknowledgement",
+        timeout,
+    };
+    if !client
+        .send(text.as_bytes(), fds, deadline)
+        .map_err(Error::io("sendmsg(NOTIFY_SOCKET)"))?
+    {
+        return Err(timed_out());
+    }
     loop {
         let Some(payload) = client
             .recv(deadline)
             .map_err(Error::io("recvmsg(fd store acknowledgement)"))?
         else {
-            return Err(Error::TimedOut {
-                op: "receive the fd store's acknowledgement",
-                timeout,
-            });
+            return Err(timed_out());
         };
         if let Some(reply) = parse_ack(&payload, &cookie) {
             return Ok(reply);

@@ -910,16 +910,33 @@ impl NotifyClient {
         Ok(NotifyClient { fd })
     }
 
-    pub fn send(&self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    /// Sends one datagram; false when the supervisor's queue stayed full
+    /// until the deadline.
+    pub fn send(
+        &self,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+        deadline: Instant,
+    ) -> io::Result<bool> {
         let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(253))];
-        let mut control = notify_control(&mut space, fds)?;
-        rnet::sendmsg(
-            &self.fd,
-            &[IoSlice::new(payload)],
-            &mut control,
-            SendFlags::NOSIGNAL,
-        )?;
-        Ok(())
+        loop {
+            let mut control = notify_control(&mut space, fds)?;
+            match rnet::sendmsg(
+                &self.fd,
+                &[IoSlice::new(payload)],
+                &mut control,
+                SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+            ) {
+                Ok(_) => return Ok(true),
+                Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => {
+                    if !wait_fd(self.fd.as_fd(), Direction::Write, Some(deadline))? {
+                        return Ok(false);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// One datagram's payload, or None once the deadline has passed.
