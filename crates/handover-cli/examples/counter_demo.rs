@@ -137,6 +137,7 @@ mod unix {
         }
         // Resumed: out of the store, so no later generation gets them too.
         let mut stored: Vec<&String> = names.iter().filter(|n| is_stored(n)).collect();
+        stored.sort();
         stored.dedup();
         for name in stored {
             store.send(name, &[], false);
