@@ -134,7 +134,7 @@ impl Inbox {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Step::WouldBlock,
             Err(e) => {
                 return Step::Err(Error::Io {
-                    op: "recvmsg",
+                    op: RECV_CALL,
                     source: e,
                 })
             }
@@ -196,7 +196,7 @@ impl Channel {
 
     /// Two connected channel ends, both with these options.
     pub fn pair_with(options: ChannelOptions) -> Result<(Channel, Channel)> {
-        let (a, b) = Transport::pair().map_err(Error::io("socketpair"))?;
+        let (a, b) = Transport::pair().map_err(Error::io(PAIR_CALL))?;
         Ok((Channel::new(a, options.clone())?, Channel::new(b, options)?))
     }
 
@@ -369,7 +369,7 @@ impl Channel {
                 let ready = self
                     .transport
                     .wait(Direction::Write, Some(deadline))
-                    .map_err(Error::io("poll"))?;
+                    .map_err(Error::io(WAIT_CALL))?;
                 if !ready {
                     return Err(Error::TimedOut {
                         op: "send",
@@ -393,7 +393,7 @@ impl Channel {
                     let ready = self
                         .transport
                         .wait(Direction::Read, deadline.map(|d| d.0))
-                        .map_err(Error::io("poll"))?;
+                        .map_err(Error::io(WAIT_CALL))?;
                     if let (false, Some((_, timeout))) = (ready, deadline) {
                         return Err(Error::TimedOut {
                             op: "receive",
@@ -405,6 +405,20 @@ impl Channel {
         }
     }
 }
+
+/// The system calls that `Error::Io` names, as each platform makes them.
+#[cfg(unix)]
+const RECV_CALL: &str = "recvmsg";
+#[cfg(windows)]
+const RECV_CALL: &str = "ReadFile";
+#[cfg(unix)]
+const WAIT_CALL: &str = "poll";
+#[cfg(windows)]
+const WAIT_CALL: &str = "WaitForSingleObject";
+#[cfg(unix)]
+const PAIR_CALL: &str = "socketpair";
+#[cfg(windows)]
+const PAIR_CALL: &str = "CreateNamedPipeW";
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere cannot leave these states half-updated in a way
@@ -470,7 +484,7 @@ impl ChannelListener {
             if !self
                 .listener
                 .wait(Some(deadline))
-                .map_err(Error::io("poll"))?
+                .map_err(Error::io(WAIT_CALL))?
             {
                 return Err(Error::TimedOut {
                     op: "accept",
