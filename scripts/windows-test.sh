@@ -34,7 +34,10 @@ export RUSTDOC=/usr/bin/rustdoc
 export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_LINKER=x86_64-w64-mingw32-gcc
 export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER=wine
 echo "== cargo test for x86_64-pc-windows-gnu under $(wine --version)"
-/usr/bin/cargo test \
+# A test that fails can leave Windows processes behind, and `wine` waits
+# for them: bound the whole run, and end every Wine process afterwards.
+trap 'wineserver -k >/dev/null 2>&1 || true' EXIT
+timeout --kill-after=30 "${HANDOVER_WINDOWS_TIMEOUT:-1500}" /usr/bin/cargo test \
     -Zbuild-std=std,panic_abort \
     --target x86_64-pc-windows-gnu \
     --target-dir "${HANDOVER_WINDOWS_TARGET_DIR:-target/windows}" \

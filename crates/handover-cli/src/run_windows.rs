@@ -57,7 +57,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         bail!("nothing to hand over: give at least one --listen SPEC");
     }
     let mut cmd = Command::new(&args.command[0]);
-    cmd.args(&args.command[1..]).systemfd(!args.no_systemfd);
+    // If handover is killed, the program goes too, rather than keep the
+    // ports as an orphan.
+    cmd.args(&args.command[1..])
+        .systemfd(!args.no_systemfd)
+        .end_with_parent(true);
     // A missing program is reported before anything is bound.
     let path = cmd
         .resolved_program()

@@ -71,8 +71,9 @@ fn get(addr: &str) -> String {
     text
 }
 
-#[test]
-fn a_listenfd_server_serves_through_handover_run() {
+/// Starts `handover run` with the listenfd server; returns handover, the
+/// address and the server's pid (from its first answer).
+fn start_listenfd_server() -> (Child, String, u32) {
     let server = example("listenfd_server");
     let mut handover = Command::new(HANDOVER)
         .args(["run", "-l", "127.0.0.1:0=http", "--"])
@@ -105,6 +106,12 @@ fn a_listenfd_server_serves_through_handover_run() {
         .parse()
         .unwrap();
     assert_ne!(pid, handover.id(), "the program serves, not handover");
+    (handover, addr, pid)
+}
+
+#[test]
+fn a_listenfd_server_serves_through_handover_run() {
+    let (mut handover, addr, pid) = start_listenfd_server();
     // A second request: the same process, the same socket.
     assert!(get(&addr).contains(&format!("hello from pid {pid} ")));
     // When the program ends, handover exits as it did.
@@ -147,4 +154,33 @@ fn mistakes_are_reported_before_anything_starts() {
     let (code, err) = run(&["run", "-l", &spec, "--", "cmd"]);
     assert_eq!(code, Some(1));
     assert!(err.contains(&spec), "{err}");
+}
+
+/// Windows does not end children with their parent; handover puts the
+/// program in a job that does, so a killed handover leaves no orphan
+/// holding the port.
+#[test]
+fn killing_handover_ends_the_program() {
+    let (mut handover, _addr, pid) = start_listenfd_server();
+    handover.kill().unwrap();
+    handover.wait().unwrap();
+    assert!(wait_for_exit(pid, WAIT), "the program outlived handover");
+}
+
+/// Whether process `pid` has exited (or is gone) within `timeout`.
+fn wait_for_exit(pid: u32, timeout: Duration) -> bool {
+    use windows_sys::Win32::Foundation::{CloseHandle, WAIT_OBJECT_0};
+    use windows_sys::Win32::System::Threading::{
+        OpenProcess, WaitForSingleObject, PROCESS_SYNCHRONIZE,
+    };
+    // SAFETY: opens, waits on and closes a process handle of our own.
+    unsafe {
+        let h = OpenProcess(PROCESS_SYNCHRONIZE, 0, pid);
+        if h.is_null() {
+            return true;
+        }
+        let r = WaitForSingleObject(h, timeout.as_millis() as u32);
+        CloseHandle(h);
+        r == WAIT_OBJECT_0
+    }
 }

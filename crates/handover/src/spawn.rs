@@ -65,6 +65,7 @@ pub(crate) struct WindowsOptions {
     pub inherit: Vec<Handle>,
     pub creation_flags: u32,
     pub systemfd: bool,
+    pub end_with_parent: bool,
 }
 
 /// The Unix-only choices, set through [`crate::unix::CommandExt`].

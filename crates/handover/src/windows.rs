@@ -90,6 +90,11 @@ pub trait CommandExt {
     /// written against the `listenfd` crate find them, for as long as the
     /// child runs.
     fn systemfd(&mut self, on: bool) -> &mut Command;
+    /// Puts the child (and whatever it starts) in a job object that ends
+    /// them all when the job's last handle closes: when this process exits,
+    /// however it exits, or when the [`crate::Child`] is dropped. The
+    /// Windows counterpart of `parent_death_signal` on Linux.
+    fn end_with_parent(&mut self, on: bool) -> &mut Command;
 }
 
 impl CommandExt for Command {
@@ -113,6 +118,11 @@ impl CommandExt for Command {
 
     fn systemfd(&mut self, on: bool) -> &mut Command {
         self.windows.systemfd = on;
+        self
+    }
+
+    fn end_with_parent(&mut self, on: bool) -> &mut Command {
+        self.windows.end_with_parent = on;
         self
     }
 }

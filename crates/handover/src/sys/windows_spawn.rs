@@ -37,12 +37,17 @@ use windows_sys::Win32::Security::Cryptography::{
 use windows_sys::Win32::System::Console::{
     GetStdHandle, STD_ERROR_HANDLE, STD_INPUT_HANDLE, STD_OUTPUT_HANDLE,
 };
+use windows_sys::Win32::System::JobObjects::{
+    AssignProcessToJobObject, CreateJobObjectW, JobObjectExtendedLimitInformation,
+    SetInformationJobObject, JOBOBJECT_EXTENDED_LIMIT_INFORMATION,
+    JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE,
+};
 use windows_sys::Win32::System::Threading::{
     CreateProcessW, DeleteProcThreadAttributeList, GetCurrentProcess, GetExitCodeProcess,
-    InitializeProcThreadAttributeList, TerminateProcess, UpdateProcThreadAttribute,
-    WaitForSingleObject, CREATE_UNICODE_ENVIRONMENT, EXTENDED_STARTUPINFO_PRESENT, INFINITE,
-    LPPROC_THREAD_ATTRIBUTE_LIST, PROCESS_INFORMATION, PROC_THREAD_ATTRIBUTE_HANDLE_LIST,
-    STARTF_USESTDHANDLES, STARTUPINFOEXW,
+    InitializeProcThreadAttributeList, ResumeThread, TerminateProcess, UpdateProcThreadAttribute,
+    WaitForSingleObject, CREATE_SUSPENDED, CREATE_UNICODE_ENVIRONMENT,
+    EXTENDED_STARTUPINFO_PRESENT, INFINITE, LPPROC_THREAD_ATTRIBUTE_LIST, PROCESS_INFORMATION,
+    PROC_THREAD_ATTRIBUTE_HANDLE_LIST, STARTF_USESTDHANDLES, STARTUPINFOEXW,
 };
 
 use super::OwnedRaw;
@@ -55,6 +60,9 @@ use crate::spawn::Command;
 pub(crate) struct Spawned {
     pub pid: u32,
     pub process: OwnedHandle,
+    /// The job that ends the child when its last handle closes, when the
+    /// command asked for that (`end_with_parent`).
+    _job: Option<OwnedHandle>,
 }
 
 /// Serialises the mark-inheritable / CreateProcessW / unmark window of
@@ -113,7 +121,14 @@ pub(crate) fn spawn_child(
             std::ptr::null(),
             std::ptr::null(),
             (!list.is_empty()) as i32,
-            EXTENDED_STARTUPINFO_PRESENT | CREATE_UNICODE_ENVIRONMENT | cmd.windows.creation_flags,
+            EXTENDED_STARTUPINFO_PRESENT
+                | CREATE_UNICODE_ENVIRONMENT
+                | if cmd.windows.end_with_parent {
+                    CREATE_SUSPENDED
+                } else {
+                    0
+                }
+                | cmd.windows.creation_flags,
             env_block.as_ptr().cast(),
             cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
             &si.StartupInfo,
@@ -133,16 +148,81 @@ pub(crate) fn spawn_child(
         });
     }
     // SAFETY: CreateProcessW succeeded: both handles are open and ours.
-    let (process, _thread) = unsafe {
+    let (process, thread) = unsafe {
         (
             OwnedHandle::from_raw_handle(pi.hProcess as RawHandle),
             OwnedHandle::from_raw_handle(pi.hThread as RawHandle),
         )
     };
+    let job = if cmd.windows.end_with_parent {
+        // The child was started suspended, so it runs no code outside the
+        // job; if the job cannot be made, it never runs at all.
+        match job_ending_with_us(&process) {
+            Ok(job) => Some(job),
+            Err(e) => {
+                // SAFETY: our own suspended child's process handle.
+                unsafe { TerminateProcess(process.as_raw_handle() as HANDLE, 1) };
+                return Err(Error::Spawn {
+                    program: argv[0].to_string_lossy().into_owned(),
+                    stage: "putting the process in a job (end_with_parent)",
+                    source: e,
+                });
+            }
+        }
+    } else {
+        None
+    };
+    if job.is_some() {
+        // SAFETY: the child's main thread, started suspended above.
+        if unsafe { ResumeThread(thread.as_raw_handle() as HANDLE) } == u32::MAX {
+            let e = io::Error::last_os_error();
+            // SAFETY: our own child's process handle.
+            unsafe { TerminateProcess(process.as_raw_handle() as HANDLE, 1) };
+            return Err(Error::Spawn {
+                program: argv[0].to_string_lossy().into_owned(),
+                stage: "ResumeThread",
+                source: e,
+            });
+        }
+    }
     Ok(Spawned {
         pid: pi.dwProcessId,
         process,
+        _job: job,
     })
+}
+
+/// A job object that kills every process in it when its last handle
+/// closes (JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE), with `process` in it. The
+/// handle is not inheritable, so only this process keeps the job alive.
+fn job_ending_with_us(process: &OwnedHandle) -> io::Result<OwnedHandle> {
+    // SAFETY: an unnamed job with default security.
+    let raw = unsafe { CreateJobObjectW(std::ptr::null(), std::ptr::null()) };
+    if raw.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh handle that nothing else owns.
+    let job = unsafe { OwnedHandle::from_raw_handle(raw as RawHandle) };
+    // SAFETY: plain data; zeroes are "no limits".
+    let mut limits: JOBOBJECT_EXTENDED_LIMIT_INFORMATION = unsafe { std::mem::zeroed() };
+    limits.BasicLimitInformation.LimitFlags = JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE;
+    // SAFETY: the job is open; `limits` is live and of the size given.
+    let ok = unsafe {
+        SetInformationJobObject(
+            raw,
+            JobObjectExtendedLimitInformation,
+            (&limits as *const JOBOBJECT_EXTENDED_LIMIT_INFORMATION).cast(),
+            std::mem::size_of::<JOBOBJECT_EXTENDED_LIMIT_INFORMATION>() as u32,
+        )
+    } != 0;
+    if !ok {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both handles are open.
+    if unsafe { AssignProcessToJobObject(raw, process.as_raw_handle() as HANDLE) } == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(job)
 }
 
 fn kernel_handle(handle: &Handle, what: &str) -> Result<HANDLE> {
