@@ -576,3 +576,77 @@ fn handle_counts_see_one_handle() {
     drop(f);
     assert_eq!(handle_count(), before);
 }
+
+/// The DACL of a listener's pipe: the current user and SYSTEM, nobody
+/// else (the default would let Everyone open it for reading).
+#[test]
+fn pipes_admit_only_this_user() {
+    use windows_sys::Win32::Foundation::LocalFree;
+    use windows_sys::Win32::Security::Authorization::{
+        ConvertSecurityDescriptorToStringSecurityDescriptorW, GetNamedSecurityInfoW,
+        SDDL_REVISION_1, SE_FILE_OBJECT,
+    };
+    use windows_sys::Win32::Security::DACL_SECURITY_INFORMATION;
+    let _g = serial();
+    let name = unique("dacl");
+    let channels = ChannelListener::bind_name(&name).unwrap();
+    let path: Vec<u16> = format!(r"\\.\pipe\{name}")
+        .encode_utf16()
+        .chain(Some(0))
+        .collect();
+    let mut sd = std::ptr::null_mut();
+    // SAFETY: `path` is NUL-terminated; `sd` receives a LocalAlloc'd
+    // descriptor, freed below; the other out-pointers may be null.
+    let rc = unsafe {
+        GetNamedSecurityInfoW(
+            path.as_ptr(),
+            SE_FILE_OBJECT,
+            DACL_SECURITY_INFORMATION,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            &mut sd,
+        )
+    };
+    assert_eq!(rc, 0, "GetNamedSecurityInfoW: {rc}");
+    let mut text = std::ptr::null_mut();
+    // SAFETY: `sd` is the descriptor from above; `text` receives a string.
+    let ok = unsafe {
+        ConvertSecurityDescriptorToStringSecurityDescriptorW(
+            sd,
+            SDDL_REVISION_1,
+            DACL_SECURITY_INFORMATION,
+            &mut text,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_ne!(ok, 0);
+    // SAFETY: a NUL-terminated string from the call above; both buffers
+    // were LocalAlloc'd by the calls and are freed once.
+    let sddl = unsafe {
+        let len = (0..).take_while(|&i| *text.add(i) != 0).count();
+        let s = String::from_utf16_lossy(std::slice::from_raw_parts(text, len));
+        LocalFree(text.cast());
+        LocalFree(sd);
+        s
+    };
+    // Two grants: this user's SID and SYSTEM; no Everyone (WD), no
+    // anonymous (AN).
+    assert!(sddl.contains(";;;SY)"), "{sddl}");
+    assert_eq!(sddl.matches("(A;").count(), 2, "{sddl}");
+    assert!(!sddl.contains(";WD)") && !sddl.contains(";AN)"), "{sddl}");
+    // Asking opened the pipe once; a real client still gets through.
+    let client = std::thread::spawn(move || {
+        let ch = Channel::connect_name_timeout(&name, WAIT).unwrap();
+        ch.send(b"hi", &[]).unwrap();
+    });
+    let got = loop {
+        let ch = channels.accept_timeout(WAIT).unwrap();
+        if let Ok(Some(m)) = ch.recv_timeout(WAIT) {
+            break m.bytes;
+        }
+    };
+    assert_eq!(got, b"hi");
+    client.join().unwrap();
+}

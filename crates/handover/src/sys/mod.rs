@@ -21,6 +21,8 @@ pub(crate) use windows::*;
 #[cfg(windows)]
 mod windows_listen;
 #[cfg(windows)]
+mod windows_security;
+#[cfg(windows)]
 pub(crate) use windows_listen::{bind_inet, bind_unix, SocketFile, EAFNOSUPPORT};
 #[cfg(windows)]
 mod windows_spawn;

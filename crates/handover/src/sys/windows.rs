@@ -583,7 +583,9 @@ fn create_instance(path: &[u16], first: bool, max_instances: u32) -> io::Result<
         open_mode |= FILE_FLAG_FIRST_PIPE_INSTANCE;
     }
     let size = (wire::MAX_FRAME_LEN * 2) as u32;
-    // SAFETY: `path` is NUL-terminated UTF-16; no security attributes.
+    let security = super::windows_security::owner_only()?;
+    // SAFETY: `path` is NUL-terminated UTF-16; `security` points to a
+    // descriptor that lives as long as the process.
     let h = unsafe {
         CreateNamedPipeW(
             path.as_ptr(),
@@ -593,7 +595,7 @@ fn create_instance(path: &[u16], first: bool, max_instances: u32) -> io::Result<
             size,
             size,
             0,
-            std::ptr::null(),
+            &security,
         )
     };
     if h == INVALID_HANDLE_VALUE {
