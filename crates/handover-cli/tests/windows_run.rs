@@ -71,13 +71,14 @@ fn get(addr: &str) -> String {
     text
 }
 
-/// Starts `handover run` with the listenfd server; returns handover, the
-/// address and the server's pid (from its first answer).
-fn start_listenfd_server() -> (Child, String, u32) {
-    let server = example("listenfd_server");
+/// Starts `handover run ARGS -l 127.0.0.1:0=http -- SERVER`; returns
+/// handover and the address it listens on.
+fn start_under_handover(args: &[&str], server: &std::path::Path) -> (Child, String) {
     let mut handover = Command::new(HANDOVER)
-        .args(["run", "-l", "127.0.0.1:0=http", "--"])
-        .arg(&server)
+        .arg("run")
+        .args(args)
+        .args(["-l", "127.0.0.1:0=http", "--"])
+        .arg(server)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -91,6 +92,13 @@ fn start_listenfd_server() -> (Child, String, u32) {
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("unexpected line {line:?}"))
         .to_owned();
+    (handover, addr)
+}
+
+/// Starts `handover run` with the listenfd server; returns handover, the
+/// address and the server's pid (from its first answer).
+fn start_listenfd_server() -> (Child, String, u32) {
+    let (handover, addr) = start_under_handover(&[], &example("listenfd_server"));
     let first = get(&addr);
     assert!(first.starts_with("HTTP/1.1 200 OK"), "{first}");
     let body = first.split("\r\n\r\n").nth(1).unwrap();
@@ -183,4 +191,20 @@ fn wait_for_exit(pid: u32, timeout: Duration) -> bool {
         CloseHandle(h);
         r == WAIT_OBJECT_0
     }
+}
+
+/// The same program source as on Linux: examples/http_demo.rs takes its
+/// socket with `handover::activation::take()`, here through the pipe
+/// bootstrap (systemfd's protocol turned off, so nothing else could serve it).
+#[test]
+fn an_activation_program_takes_its_socket_through_the_bootstrap() {
+    let (mut handover, addr) = start_under_handover(&["--no-systemfd"], &example("http_demo"));
+    let answer = get(&addr);
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap();
+    assert!(body.starts_with("generation 0 pid "), "{body}");
+    let pid: u32 = body["generation 0 pid ".len()..].trim().parse().unwrap();
+    assert_ne!(pid, handover.id());
+    terminate(pid);
+    handover.wait().unwrap();
 }
