@@ -6,6 +6,8 @@ mod run;
 #[cfg(windows)]
 #[path = "run_windows.rs"]
 mod run;
+#[cfg(unix)]
+mod status;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -30,6 +32,30 @@ enum Command {
     /// Bind sockets and run PROGRAM on them by the socket-activation
     /// protocol (LISTEN_FDS), staying as its supervisor.
     Run(run::RunArgs),
+    /// Reload the program under a running `handover run`: start a new
+    /// generation on the same sockets, and once it is ready stop the old
+    /// one. Prints the new pid; exits 1 with the reason if it was rolled
+    /// back.
+    #[cfg(unix)]
+    Reload {
+        /// The control socket of the `handover run` to reload.
+        #[arg(long, value_name = "PATH")]
+        control: Option<std::path::PathBuf>,
+        /// How long to wait for the outcome.
+        #[arg(long, default_value = "5m", value_name = "DURATION")]
+        timeout: String,
+    },
+    /// Show a running `handover run`: generations, sockets, the fd store,
+    /// restarts and the last reload.
+    #[cfg(unix)]
+    Status {
+        /// The control socket of the `handover run` to ask.
+        #[arg(long, value_name = "PATH")]
+        control: Option<std::path::PathBuf>,
+        /// Print the JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// The second process of `handover demo` (internal).
     #[command(hide = true)]
     DemoServer {
@@ -70,5 +96,9 @@ fn real_main() -> Result<()> {
         Command::Demo => demo::run(),
         Command::DemoServer { channel } => demo::serve(&channel),
         Command::Run(args) => run::run(args),
+        #[cfg(unix)]
+        Command::Reload { control, timeout } => status::reload(control.as_deref(), &timeout),
+        #[cfg(unix)]
+        Command::Status { control, json } => status::status(control.as_deref(), json),
     }
 }

@@ -7,9 +7,12 @@
 //! then is closed again, socket files removed.
 
 mod accept;
+pub mod control;
+mod fdstore;
 mod signals;
 mod supervise;
 mod users;
+mod watch;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -72,6 +75,53 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
 
+    /// How a new generation tells it is ready: `notify` (READY=1 on
+    /// NOTIFY_SOCKET), `exec:CMD` (a check command, run with `sh -c` until
+    /// it exits 0; HANDOVER_PID is the generation's pid), or
+    /// `delay:DURATION`. READY=1 also counts, except with `exec:`.
+    #[arg(long, default_value = "delay:1s", value_name = "HOW")]
+    ready: String,
+
+    /// A reload whose new generation is not ready in this time is rolled
+    /// back.
+    #[arg(long, default_value = "60s", value_name = "DURATION")]
+    ready_timeout: String,
+
+    /// The signal that tells an old generation to finish and exit.
+    #[arg(long, default_value = "TERM", value_name = "SIGNAL")]
+    stop_signal: String,
+
+    /// How long an old generation may drain before SIGKILL.
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    stop_timeout: String,
+
+    /// Start the program again when it exits on its own: `no`,
+    /// `on-failure` (a non-zero exit or a signal), `always`. Backoff
+    /// doubles from 100ms up to --restart-max-delay; the sockets stay open
+    /// meanwhile, so clients wait instead of being refused.
+    #[arg(long, default_value = "no", value_name = "WHEN")]
+    restart: String,
+
+    /// The longest wait before a restart.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    restart_max_delay: String,
+
+    /// The most descriptors the fd store keeps (FDSTORE=1); more are
+    /// refused and closed.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    fdstore_max: usize,
+
+    /// Reload when anything under PATH changes (debounced), for the
+    /// edit-compile-reload loop.
+    #[arg(long, value_name = "PATH", num_args = 1)]
+    watch: Vec<PathBuf>,
+
+    /// The control socket for `handover reload` and `handover status`
+    /// (default: $HANDOVER_CONTROL, $XDG_RUNTIME_DIR/handover.sock or
+    /// /tmp/handover-UID.sock).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+
     /// The program and its arguments.
     #[arg(
         required = true,
@@ -96,10 +146,23 @@ impl Program {
         self.argv[0].to_string_lossy().into_owned()
     }
 
+    /// Where the program is now: looked for again at each reload, so that
+    /// a new binary installed under the same name is picked up.
+    pub fn resolve(&self) -> Result<PathBuf> {
+        Command::new(&self.argv[0])
+            .resolved_program()
+            .with_context(|| format!("cannot run {:?}", self.name()))
+    }
+
     /// A command for one start, with privileges dropped as asked.
     pub fn command(&self) -> Command {
+        self.command_at(&self.path)
+    }
+
+    /// A command for one start of the program found at `path`.
+    pub fn command_at(&self, path: &std::path::Path) -> Command {
         let mut cmd = Command::new(&self.argv[0]);
-        cmd.program_path(&self.path).args(&self.argv[1..]);
+        cmd.program_path(path).args(&self.argv[1..]);
         // Signals for the program reach it through us; its own process
         // group lets us clean up whatever it leaves behind, and if we are
         // killed outright it is told.
@@ -153,6 +216,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         identity,
     };
 
+    let options_for_restarts = supervise_options(&args)?;
     let accept_mode = args.accept || args.inetd;
     if accept_mode {
         if !inherited.is_empty() {
@@ -188,7 +252,66 @@ pub fn run(args: RunArgs) -> Result<()> {
         handles.push(b.try_clone_handle()?);
     }
     handles.extend(inherited);
-    supervise::run(&program, handles, bound)
+    supervise::run(&program, handles, bound, options_for_restarts)
+}
+
+fn supervise_options(args: &RunArgs) -> Result<supervise::Options> {
+    use supervise::{Ready, Restart};
+    let ready = match args.ready.split_once(':') {
+        _ if args.ready == "notify" => Ready::Notify,
+        Some(("exec", cmd)) if !cmd.trim().is_empty() => Ready::Exec(cmd.to_owned()),
+        Some(("delay", d)) => Ready::Delay(duration(d).context("--ready delay:")?),
+        _ => bail!(
+            "--ready {:?}: expected notify, exec:CMD or delay:DURATION",
+            args.ready
+        ),
+    };
+    let restart = match args.restart.as_str() {
+        "no" => Restart::No,
+        "on-failure" => Restart::OnFailure,
+        "always" => Restart::Always,
+        other => bail!("--restart {other:?}: expected no, on-failure or always"),
+    };
+    if args.fdstore_max > 65_536 {
+        bail!("--fdstore-max {} is more than 65536", args.fdstore_max);
+    }
+    Ok(supervise::Options {
+        ready,
+        ready_timeout: duration(&args.ready_timeout).context("--ready-timeout")?,
+        stop_signal: signals::parse(&args.stop_signal)
+            .with_context(|| format!("--stop-signal {:?}", args.stop_signal))?,
+        stop_timeout: duration(&args.stop_timeout).context("--stop-timeout")?,
+        restart,
+        restart_max_delay: duration(&args.restart_max_delay).context("--restart-max-delay")?,
+        fdstore_max: args.fdstore_max,
+        watch: args.watch.clone(),
+        control: args.control.clone(),
+    })
+}
+
+/// `500ms`, `2s`, `1.5s`, `3m`, `1h`, or a plain number of seconds.
+pub fn duration(text: &str) -> Result<std::time::Duration> {
+    let t = text.trim();
+    let (number, unit) = match t.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(at) => t.split_at(at),
+        None => (t, "s"),
+    };
+    let value: f64 = number
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && *v >= 0.0)
+        .with_context(|| format!("{text:?} is not a duration (500ms, 2s, 3m, 1h)"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => bail!("{text:?}: unknown unit {unit:?} (ms, s, m, h)"),
+    };
+    if secs > 365.0 * 86_400.0 {
+        bail!("{text:?} is too long");
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 fn socket_owner(spec: &str) -> Result<(Option<u32>, Option<u32>)> {

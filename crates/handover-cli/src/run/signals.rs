@@ -106,3 +106,24 @@ pub fn name(sig: i32) -> String {
         other => format!("signal {other}"),
     }
 }
+
+/// A signal by name (`TERM`, `SIGTERM`, case-insensitive) or number.
+pub fn parse(text: &str) -> anyhow::Result<i32> {
+    let upper = text.trim().to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    let sig = match name {
+        "TERM" => libc::SIGTERM,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "HUP" => libc::SIGHUP,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "WINCH" => libc::SIGWINCH,
+        "KILL" => libc::SIGKILL,
+        n => match n.parse::<i32>() {
+            Ok(v) if (1..=64).contains(&v) => v,
+            _ => anyhow::bail!("not a signal name or number (TERM, INT, QUIT, USR1, …)"),
+        },
+    };
+    Ok(sig)
+}
