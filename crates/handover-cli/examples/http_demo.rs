@@ -28,7 +28,7 @@ static STOP: AtomicBool = AtomicBool::new(false);
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 static LOG_CONNECTIONS: AtomicBool = AtomicBool::new(false);
 
-fn main() {
+pub fn main() {
     // Signals are blocked before any thread exists, so every thread
     // inherits the mask and only the waiting thread ever sees SIGTERM.
     #[cfg(unix)]
@@ -40,7 +40,9 @@ fn main() {
     };
     let mut delay_ready = Duration::ZERO;
     let mut crash = false;
-    let mut args = std::env::args().skip(1);
+    // `handover demo` runs this same code as `handover demo-http`: that
+    // word is not an argument of the server.
+    let mut args = std::env::args().skip(1).skip_while(|a| a == "demo-http");
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--delay-ready" => {

@@ -2,6 +2,12 @@
 
 mod demo;
 #[cfg(unix)]
+mod demo_reload;
+/// The HTTP demo server, built in so that `handover demo` needs nothing else.
+#[cfg(unix)]
+#[path = "../examples/http_demo.rs"]
+mod http_demo;
+#[cfg(unix)]
 mod run;
 #[cfg(windows)]
 #[path = "run_windows.rs"]
@@ -25,10 +31,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show a handover: this process binds a TCP listener, hands it over a
-    /// channel to a second process, and that process serves a real HTTP
-    /// request through it.
-    Demo,
+    /// Show handover at work. On Linux: an HTTP server under `handover
+    /// run`, reloaded every two seconds while four clients load it; it
+    /// prints requests served, failed and reloads. With --channel (and on
+    /// Windows): a listener handed over a channel to a second process,
+    /// which serves a real HTTP request through it.
+    Demo {
+        /// The channel demo instead of the reload demo.
+        #[arg(long)]
+        channel: bool,
+    },
+    /// The HTTP server of `handover demo` (internal).
+    #[cfg(unix)]
+    #[command(hide = true)]
+    DemoHttp,
     /// Bind sockets and run PROGRAM on them by the socket-activation
     /// protocol (LISTEN_FDS), staying as its supervisor.
     Run(run::RunArgs),
@@ -93,7 +109,14 @@ fn real_main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
-        Command::Demo => demo::run(),
+        #[cfg(unix)]
+        Command::Demo { channel: false } => demo_reload::run(),
+        Command::Demo { .. } => demo::run(),
+        #[cfg(unix)]
+        Command::DemoHttp => {
+            http_demo::main();
+            Ok(())
+        }
         Command::DemoServer { channel } => demo::serve(&channel),
         Command::Run(args) => run::run(args),
         #[cfg(unix)]
