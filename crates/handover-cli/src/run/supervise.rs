@@ -152,6 +152,14 @@ struct Supervisor<'a> {
     /// The status to exit with once every generation is gone.
     final_status: Option<ExitStatus>,
     leftovers: Vec<(u32, Instant)>,
+    /// Learned once a generation stored descriptors while draining after
+    /// its successor had started (which therefore never got them): from
+    /// then on a reload stops the old generation first and starts the new
+    /// one on the fd store once the old has exited. Clients wait in the
+    /// backlog meanwhile; no rollback is possible then.
+    sequential: bool,
+    /// In a sequential reload: the generation whose exit starts the new one.
+    spawn_after: Option<u64>,
 }
 
 /// Starts the program on `handles` and supervises it until it exits for
@@ -196,6 +204,8 @@ pub fn run(
         shutting_down: false,
         final_status: None,
         leftovers: Vec::new(),
+        sequential: false,
+        spawn_after: None,
     };
     // The first start fails loudly: nothing is serving yet.
     let path = program.resolve()?;
@@ -416,7 +426,7 @@ impl Supervisor<'_> {
         self.leftovers
             .push((g.pid, Instant::now() + LEFTOVER_GRACE));
         match g.state {
-            State::Draining => {}
+            State::Draining => self.on_drained(&g, status),
             State::Starting => {
                 self.reload_failed(
                     g.number,
@@ -425,6 +435,57 @@ impl Supervisor<'_> {
                 );
             }
             State::Serving => self.on_serving_exit(&g, status),
+        }
+    }
+
+    /// A generation told to stop has exited. What it stored in the fd store
+    /// while draining must reach a generation: the next one in a
+    /// sequential reload, else a follow-up reload (sequential from now on)
+    /// when the one serving started before it was stored.
+    fn on_drained(&mut self, g: &Generation, status: ExitStatus) {
+        if self.spawn_after == Some(g.number) {
+            self.spawn_after = None;
+            if self.shutting_down {
+                self.final_status = Some(status);
+                if self.reload.is_some() {
+                    self.reload_failed(0, "handover is stopping".into(), false);
+                }
+                return;
+            }
+            if self.reload.is_none() {
+                // The reload was given up meanwhile: start one anyway.
+                self.start_restart();
+                return;
+            }
+            let started = self
+                .program
+                .resolve()
+                .and_then(|path| self.spawn(&path, State::Starting));
+            match started {
+                Ok(number) => {
+                    if let Some(r) = &mut self.reload {
+                        r.generation = number;
+                        r.deadline = Instant::now() + self.opts.ready_timeout;
+                    }
+                }
+                Err(e) => self.reload_failed(0, format!("{e:#}"), false),
+            }
+            return;
+        }
+        let missed = self
+            .fdstore
+            .entries()
+            .iter()
+            .any(|e| e.generation == g.number)
+            && self.gens.iter().any(|n| n.number > g.number);
+        if missed && !self.sequential && !self.shutting_down {
+            tracing::info!(
+                generation = g.number,
+                "it stored descriptors after its successor started: reloading again to hand \
+                 them over; reloads stop the old generation first from now on"
+            );
+            self.sequential = true;
+            self.request_reload(None);
         }
     }
 
@@ -731,6 +792,27 @@ impl Supervisor<'_> {
             monotonic_usec(),
             self.program.name()
         ));
+        if self.sequential {
+            let old: Vec<u64> = self
+                .gens
+                .iter()
+                .filter(|g| g.state == State::Serving)
+                .map(|g| g.number)
+                .collect();
+            if let Some(&last) = old.last() {
+                for o in old {
+                    self.stop(o);
+                }
+                self.restart_at = None;
+                self.spawn_after = Some(last);
+                self.reload = Some(Reload {
+                    generation: 0,
+                    deadline: Instant::now() + self.opts.stop_timeout + self.opts.ready_timeout,
+                    waiters,
+                });
+                return;
+            }
+        }
         // A new binary at the same name is picked up.
         let started = self
             .program
@@ -807,6 +889,13 @@ impl Supervisor<'_> {
                 } else {
                     self.shutting_down = true;
                 }
+            } else if self.spawn_after.is_none() {
+                // A sequential reload failed: the old generation was
+                // stopped on purpose, so a new one is started as after a
+                // crash.
+                self.restarts += 1;
+                self.restart_at = Some(Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(self.opts.restart_max_delay);
             }
             return;
         }
