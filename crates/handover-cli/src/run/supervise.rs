@@ -581,10 +581,8 @@ impl Supervisor<'_> {
             match key.as_str() {
                 // A program that says it is ready is, unless an explicit
                 // check (exec) is what decides.
-                "READY" if value == "1" => {
-                    if !matches!(self.opts.ready, Ready::Exec(_)) {
-                        self.on_ready(number);
-                    }
+                "READY" if value == "1" && !matches!(self.opts.ready, Ready::Exec(_)) => {
+                    self.on_ready(number);
                 }
                 "STATUS" if state == State::Serving => {
                     tracing::info!(generation = number, status = %value, "status");
