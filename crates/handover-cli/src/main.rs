@@ -47,7 +47,7 @@ enum Command {
     DemoHttp,
     /// Bind sockets and run PROGRAM on them by the socket-activation
     /// protocol (LISTEN_FDS), staying as its supervisor.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Reload the program under a running `handover run`: start a new
     /// generation on the same sockets, and once it is ready stop the old
     /// one. Prints the new pid; exits 1 with the reason if it was rolled
@@ -118,7 +118,7 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Command::DemoServer { channel } => demo::serve(&channel),
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
         #[cfg(unix)]
         Command::Reload { control, timeout } => status::reload(control.as_deref(), &timeout),
         #[cfg(unix)]
