@@ -11,11 +11,9 @@
 #![cfg(windows)]
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{Read, Write};
 use std::os::windows::io::AsRawHandle;
 use std::process::Stdio;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use handover::wire::{self, FrameHeader, Record, FLAG_FIRST, FLAG_LAST};
@@ -23,86 +21,8 @@ use handover::{Channel, ChannelListener, ChannelOptions, Error, Handle, HandleKi
 
 const WAIT: Duration = Duration::from_secs(20);
 
-// --- helpers, as in windows_channel.rs ---------------------------------
-
-/// Tests that count handles hold this, so that no other test in this
-/// binary opens or closes handles meanwhile.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// How many file, pipe and socket handles this process has open (see
-/// windows_channel.rs: Wine 8's GetProcessHandleCount answers 0, so every
-/// possible handle value is probed).
-fn handle_count() -> u32 {
-    use windows_sys::Win32::Foundation::GetHandleInformation;
-    use windows_sys::Win32::Storage::FileSystem::{GetFileType, FILE_TYPE_UNKNOWN};
-    (1..65536usize)
-        .filter(|i| {
-            let mut flags = 0;
-            let h = (i * 4) as _;
-            // SAFETY: only asks about a value; nothing is dereferenced.
-            unsafe {
-                GetHandleInformation(h, &mut flags) != 0 && GetFileType(h) != FILE_TYPE_UNKNOWN
-            }
-        })
-        .count() as u32
-}
-
-/// Uses Winsock once in this thread, so that its own per-process and
-/// per-thread handles are not counted as leaks.
-fn warm_up_winsock() {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (mut s, _) = l.accept().unwrap();
-    c.write_all(b"x").unwrap();
-    let mut one = [0u8; 1];
-    s.read_exact(&mut one).unwrap();
-    let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    u.send_to(b"x", u.local_addr().unwrap()).unwrap();
-    u.recv_from(&mut one).unwrap();
-    let _ = l.try_clone().unwrap();
-}
-
-/// Asserts that `body` leaves the process's handle count as it found it.
-fn no_leak<T>(what: &str, body: impl FnOnce() -> T) -> T {
-    warm_up_winsock();
-    let before = handle_count();
-    let out = body();
-    let after = handle_count();
-    assert_eq!(
-        before, after,
-        "{what}: {before} handles before, {after} after"
-    );
-    out
-}
-
-fn unique(what: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "handover-hostile-{what}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn temp_file(contents: &[u8]) -> File {
-    let path = std::env::temp_dir().join(unique("file"));
-    let mut f = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    f.write_all(contents).unwrap();
-    f.seek(SeekFrom::Start(0)).unwrap();
-    // Gone once the last handle to it closes.
-    let _ = std::fs::remove_file(&path);
-    f
-}
+mod windows_common;
+use windows_common::*;
 
 /// A raw client of a listener's pipe: every write is one pipe message.
 fn raw_client(name: &str) -> File {
@@ -504,23 +424,6 @@ fn channels_travel_within_a_process() {
         b.send(b"ack", &[]).unwrap();
         a.recv_timeout(WAIT).unwrap().unwrap();
     });
-}
-
-/// An anonymous pipe: (read end, write end).
-fn anonymous_pipe() -> (File, File) {
-    use std::os::windows::io::{FromRawHandle, OwnedHandle};
-    use windows_sys::Win32::System::Pipes::CreatePipe;
-    let (mut r, mut w) = (std::ptr::null_mut(), std::ptr::null_mut());
-    // SAFETY: out-pointers to live handles; no security attributes.
-    let ok = unsafe { CreatePipe(&mut r, &mut w, std::ptr::null(), 0) };
-    assert_ne!(ok, 0, "CreatePipe: {}", std::io::Error::last_os_error());
-    // SAFETY: fresh handles that nothing else owns.
-    unsafe {
-        (
-            File::from(OwnedHandle::from_raw_handle(r)),
-            File::from(OwnedHandle::from_raw_handle(w)),
-        )
-    }
 }
 
 // --- 4. raw hostile clients --------------------------------------------
