@@ -578,3 +578,26 @@ fn status_table_and_json_and_reload_without_a_supervisor() {
     );
     h.stop();
 }
+
+/// Clients that connect to the control socket and say nothing hold up
+/// neither other clients nor the supervisor: with 8 of them connected,
+/// `handover status` (which gives up after 10 s) is answered and a reload
+/// goes through. (Waiting 2 s for each in turn would take 16 s.)
+#[test]
+fn silent_control_clients_do_not_hold_up_others() {
+    let dir = TempDir::new("silent");
+    let ctl = dir.join("ctl");
+    let (mut h, _addr) = http_demo(&ctl, &[], None);
+    let silent: Vec<handover::Channel> = (0..8)
+        .map(|_| handover::Channel::connect(&ctl).unwrap())
+        .collect();
+    assert_eq!(status(&ctl)["ok"], Value::Bool(true));
+    let out = reload(&ctl);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(silent);
+    h.stop();
+}

@@ -10,7 +10,7 @@
 //! `{"ok":false,"error":"…"}` when it was rolled back.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use handover::unix::PeerCredentialsExt;
@@ -38,6 +38,9 @@ pub fn default_path() -> PathBuf {
 pub struct Control {
     pub listener: ChannelListener,
     pub path: PathBuf,
+    /// Clients accepted whose request has not arrived yet, with the time
+    /// they are dropped at: the supervisor's loop never waits for one.
+    waiting: Vec<(Channel, Instant)>,
 }
 
 impl Control {
@@ -55,7 +58,11 @@ impl Control {
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
                     .with_context(|| format!("chmod {}", path.display()))?;
                 tracing::info!(path = %path.display(), "control socket");
-                Ok(Some(Control { listener, path }))
+                Ok(Some(Control {
+                    listener,
+                    path,
+                    waiting: Vec::new(),
+                }))
             }
             Err(e) if !explicit => {
                 tracing::warn!(
@@ -70,30 +77,52 @@ impl Control {
         }
     }
 
-    /// Accepts one waiting client and reads its request; None when there
-    /// is none, or it is not allowed, or it sent nothing usable.
-    pub fn next_request(&self) -> Option<(Channel, String)> {
-        let ch = self.listener.accept_timeout(Duration::ZERO).ok()?;
+    /// The clients still to send their request, to poll with the listener.
+    pub fn waiting(&self) -> impl Iterator<Item = &Channel> {
+        self.waiting.iter().map(|(ch, _)| ch)
+    }
+
+    /// When the oldest waiting client is dropped for saying nothing.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.waiting.iter().map(|&(_, t)| t).min()
+    }
+
+    /// Accepts every client queued on the listener (refusing other users),
+    /// then collects the requests that have arrived, without blocking.
+    /// Clients that closed, sent something unusable, or sent nothing within
+    /// REQUEST_TIMEOUT are dropped.
+    pub fn requests(&mut self) -> Vec<(Channel, String)> {
         let me = rustix::process::getuid().as_raw();
-        match ch.peer_credentials() {
-            Ok(c) if c.uid() == me || c.uid() == 0 => {}
-            Ok(c) => {
-                tracing::warn!(uid = c.uid(), "control: refused a client of another user");
-                reply(
-                    &ch,
-                    &serde_json::json!({"ok": false, "error": "permission denied"}),
-                );
-                return None;
+        while let Ok(ch) = self.listener.accept_timeout(Duration::ZERO) {
+            match ch.peer_credentials() {
+                Ok(c) if c.uid() == me || c.uid() == 0 => {
+                    self.waiting.push((ch, Instant::now() + REQUEST_TIMEOUT));
+                }
+                Ok(c) => {
+                    tracing::warn!(uid = c.uid(), "control: refused a client of another user");
+                    reply(
+                        &ch,
+                        &serde_json::json!({"ok": false, "error": "permission denied"}),
+                    );
+                }
+                Err(_) => {}
             }
-            Err(_) => return None,
         }
-        match ch.recv_timeout(REQUEST_TIMEOUT) {
-            Ok(Some(m)) if m.handles.is_empty() => {
-                let request = String::from_utf8_lossy(&m.bytes).trim().to_owned();
-                Some((ch, request))
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (ch, deadline) in std::mem::take(&mut self.waiting) {
+            match ch.recv_timeout(Duration::ZERO) {
+                Ok(Some(m)) if m.handles.is_empty() => {
+                    let request = String::from_utf8_lossy(&m.bytes).trim().to_owned();
+                    out.push((ch, request));
+                }
+                Err(handover::Error::TimedOut { .. }) if deadline > now => {
+                    self.waiting.push((ch, deadline));
+                }
+                _ => {}
             }
-            _ => None,
         }
+        out
     }
 }
 

@@ -282,8 +282,10 @@ impl Supervisor<'_> {
                 PollFd::new(&self.notify_socket, PollFlags::IN),
             ];
             let control_at = self.control.as_ref().map(|c| {
+                let first = fds.len();
                 fds.push(PollFd::new(&c.listener, PollFlags::IN));
-                fds.len() - 1
+                fds.extend(c.waiting().map(|ch| PollFd::new(ch, PollFlags::IN)));
+                first..fds.len()
             });
             let watch_at = self.watcher.as_ref().map(|w| {
                 fds.push(PollFd::new(w, PollFlags::IN));
@@ -301,7 +303,7 @@ impl Supervisor<'_> {
             }
             let ready = |i: Option<usize>| i.is_some_and(|i| !fds[i].revents().is_empty());
             (
-                ready(control_at),
+                control_at.is_some_and(|r| fds[r].iter().any(|f| !f.revents().is_empty())),
                 ready(watch_at),
                 !fds[1].revents().is_empty(),
                 fds[store_at..]
@@ -319,8 +321,18 @@ impl Supervisor<'_> {
                 self.on_notification(n);
             }
         }
-        if control_ready {
-            while let Some((ch, request)) = self.control.as_ref().and_then(|c| c.next_request()) {
+        let control_due = self
+            .control
+            .as_ref()
+            .and_then(Control::next_deadline)
+            .is_some_and(|t| t <= Instant::now());
+        if control_ready || control_due {
+            let requests = self
+                .control
+                .as_mut()
+                .map(Control::requests)
+                .unwrap_or_default();
+            for (ch, request) in requests {
                 self.on_control(ch, &request);
             }
         }
@@ -343,6 +355,7 @@ impl Supervisor<'_> {
         at(self.restart_at);
         at(self.reload.as_ref().map(|r| r.deadline));
         at(self.watcher.as_ref().and_then(Watcher::due));
+        at(self.control.as_ref().and_then(Control::next_deadline));
         for g in &self.gens {
             at(g.stop_deadline);
             if !g.ready && matches!(g.state, State::Starting | State::Serving) {
