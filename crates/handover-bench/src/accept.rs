@@ -20,7 +20,7 @@
 //! repeated with the subjects interleaved in a rotating order, and the
 //! median is reported.
 
-mod supervisor;
+pub(crate) mod supervisor;
 
 use std::ffi::OsString;
 use std::io::Read;

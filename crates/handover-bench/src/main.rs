@@ -5,11 +5,13 @@
 //! ```text
 //! cargo run --release -p handover-bench -- channel [--json]
 //! cargo build --release -p handover-cli && cargo run --release -p handover-bench -- accept [--json]
+//! cargo build --release -p handover-cli && cargo run --release -p handover-bench -- restart [--json]
 //! ```
 
 mod accept;
 mod channel;
 mod report;
+mod restart;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -32,6 +34,11 @@ enum Scenario {
     /// systemd-socket-activate --inetd. Needs target/release/handover
     /// (`cargo build --release -p handover-cli`).
     Accept(accept::Args),
+    /// Failed requests and latency while the HTTP demo server is reloaded
+    /// under load: `handover reload` against a naive restart (stop, then
+    /// start). Needs target/release/handover (`cargo build --release -p
+    /// handover-cli`).
+    Restart(restart::Args),
 }
 
 fn main() -> Result<()> {
@@ -40,6 +47,7 @@ fn main() -> Result<()> {
     match &cli.scenario {
         Scenario::Channel(args) => channel::run(args),
         Scenario::Accept(args) => accept::run(args),
+        Scenario::Restart(args) => restart::run(args),
     }
 }
 

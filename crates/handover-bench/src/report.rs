@@ -101,7 +101,10 @@ pub struct Row {
     pub value: f64,
     pub unit: String,
     pub baseline: String,
-    /// How many times better than the baseline (above 1: better).
+    /// How many times better than the baseline (above 1: better). Infinite
+    /// when the subject's figure is 0 and the baseline's is not (a count of
+    /// failures, say); JSON has no infinity, so it is `null` there.
+    #[serde(serialize_with = "finite_or_null")]
     pub ratio: f64,
     /// Every sample, for the table's spread column; not in the JSON.
     #[serde(skip)]
@@ -119,6 +122,44 @@ pub struct Report {
     /// Footnotes for the table; not in the JSON.
     #[serde(skip)]
     pub notes: Vec<String>,
+    /// A scenario's goals and whether they were met: in the JSON (only
+    /// when there are any) and under the table.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<Check>,
+}
+
+/// One goal of a scenario, checked against a measured figure.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    /// What the goal is, in words: "failed requests with handover = 0".
+    pub goal: String,
+    pub subject: String,
+    /// The measured figure the goal is about.
+    pub value: f64,
+    /// The figure the goal allows at most.
+    pub limit: f64,
+    pub met: bool,
+}
+
+impl Check {
+    /// A goal of "at most `limit`".
+    pub fn at_most(goal: String, subject: &str, value: f64, limit: f64) -> Check {
+        Check {
+            goal,
+            subject: subject.to_owned(),
+            value: round_significant(value, 4),
+            limit,
+            met: value <= limit,
+        }
+    }
+}
+
+fn finite_or_null<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    if v.is_finite() {
+        s.serialize_f64(*v)
+    } else {
+        s.serialize_none()
+    }
 }
 
 impl Report {
@@ -141,9 +182,14 @@ impl Report {
             };
             let value = median(&f.samples).with_context(|| format!("{} {}", f.case, f.subject))?;
             let base_value = median(&base.samples).context("baseline")?;
-            let ratio = match f.better {
-                Better::Higher => value / base_value,
-                Better::Lower => base_value / value,
+            let ratio = if value == base_value {
+                // Also 0 against 0, which would otherwise be NaN.
+                1.0
+            } else {
+                match f.better {
+                    Better::Higher => value / base_value,
+                    Better::Lower => base_value / value,
+                }
             };
             rows.push(Row {
                 case: f.case.clone(),
@@ -160,6 +206,7 @@ impl Report {
             rows,
             title,
             notes,
+            checks: Vec::new(),
         })
     }
 
@@ -210,7 +257,11 @@ impl Report {
                 case,
                 r.subject.clone(),
                 format!("{} {}", human(r.value), r.unit),
-                format!("{:.2}x", r.ratio),
+                if r.ratio.is_finite() {
+                    format!("{:.2}x", r.ratio)
+                } else {
+                    "inf".to_owned()
+                },
                 format!("{} .. {} (n={})", human(lo), human(hi), r.samples.len()),
             ]);
         }
@@ -248,6 +299,19 @@ impl Report {
             out.push('\n');
             for n in &self.notes {
                 out.push_str(&format!("* {n}\n"));
+            }
+        }
+        if !self.checks.is_empty() {
+            out.push('\n');
+            for c in &self.checks {
+                out.push_str(&format!(
+                    "goal: {} ({}): {} (limit {}): {}\n",
+                    c.goal,
+                    c.subject,
+                    human(c.value),
+                    human(c.limit),
+                    if c.met { "met" } else { "MISSED" }
+                ));
             }
         }
         out
@@ -329,6 +393,29 @@ mod tests {
         assert_eq!(json["scenario"], "t");
         assert_eq!(json["rows"][1]["baseline"], "plain");
         assert!(json["rows"][1].get("samples").is_none());
+        assert!(json.get("checks").is_none());
+    }
+
+    #[test]
+    fn zero_against_zero_is_level_and_zero_against_some_is_null_in_json() {
+        let r = Report::compare(
+            "t",
+            String::new(),
+            "naive",
+            vec![
+                fig("failed", "naive", Better::Lower, &[120.0]),
+                fig("failed", "lib", Better::Lower, &[0.0]),
+                fig("none", "naive", Better::Lower, &[0.0]),
+                fig("none", "lib", Better::Lower, &[0.0]),
+            ],
+            vec![],
+        )
+        .unwrap();
+        assert!(r.rows[1].ratio.is_infinite());
+        assert_eq!(r.rows[3].ratio, 1.0);
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(json["rows"][1]["ratio"].is_null());
+        assert!(r.table().contains("inf"));
     }
 
     #[test]
