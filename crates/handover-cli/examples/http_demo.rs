@@ -1,8 +1,10 @@
 //! A small HTTP/1.1 server for zero-downtime restarts: it takes its
 //! listening sockets with `handover::activation::take()` (so the same
 //! source runs on Linux and Windows), answers every request with
-//! `generation G pid P`, and on SIGTERM stops accepting and finishes the
-//! requests it already has before exiting 0.
+//! `generation G pid P`, and on SIGTERM (on Windows: when its stop event,
+//! HANDOVER_STOP_EVENT, is set) stops accepting and finishes the requests
+//! it already has before exiting 0. It says READY=1 over NOTIFY_SOCKET on
+//! both.
 //!
 //! ```text
 //! handover run -l 127.0.0.1:8080 -- target/debug/examples/http_demo
@@ -22,7 +24,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Set once SIGTERM arrives: accept no more connections.
+/// Set once SIGTERM (or the stop event) arrives: accept no more
+/// connections.
 static STOP: AtomicBool = AtomicBool::new(false);
 /// Connections accepted and not yet answered: what a drain waits for.
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
@@ -37,6 +40,11 @@ pub fn main() {
     let activation = match handover::activation::take() {
         Ok(a) => a,
         Err(e) => fail(&format!("bad activation environment: {e}")),
+    };
+    #[cfg(windows)]
+    let stop_event = match handover::windows::StopEvent::from_env() {
+        Ok(e) => e,
+        Err(e) => fail(&format!("bad stop event: {e}")),
     };
     let mut delay_ready = Duration::ZERO;
     let mut crash = false;
@@ -80,6 +88,13 @@ pub fn main() {
         wait_sigterm();
         STOP.store(true, Ordering::SeqCst);
     });
+    #[cfg(windows)]
+    if let Some(event) = stop_event {
+        std::thread::spawn(move || {
+            event.wait();
+            STOP.store(true, Ordering::SeqCst);
+        });
+    }
 
     let acceptors: Vec<_> = listeners
         .into_iter()
@@ -96,7 +111,6 @@ pub fn main() {
         .collect();
 
     std::thread::sleep(delay_ready);
-    #[cfg(unix)]
     if let Err(e) = handover::notify::notify("READY=1\nSTATUS=serving") {
         eprintln!("http_demo: READY=1 was not sent: {e}");
     }
@@ -104,7 +118,6 @@ pub fn main() {
     for a in acceptors {
         let _ = a.join();
     }
-    #[cfg(unix)]
     let _ = handover::notify::notify("STOPPING=1\nSTATUS=draining");
     // Each connection has read and write timeouts, so this ends.
     while IN_FLIGHT.load(Ordering::SeqCst) > 0 {
@@ -118,7 +131,6 @@ fn accept_loop(listener: TcpListener, body: Arc<str>) {
     // take the connection between our poll and our accept: a blocking
     // accept would then hold us past SIGTERM. (The flag is on the shared
     // socket; every generation of this program copes with it.)
-    #[cfg(unix)]
     if let Err(e) = listener.set_nonblocking(true) {
         fail(&format!("cannot make the listener non-blocking: {e}"));
     }
@@ -143,7 +155,11 @@ fn accept_loop(listener: TcpListener, body: Arc<str>) {
                     IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
                 });
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Windows has no poll here: look again shortly.
+                #[cfg(windows)]
+                std::thread::sleep(Duration::from_millis(5));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
                 eprintln!("http_demo: accept: {e}");

@@ -7,12 +7,7 @@ mod demo_reload;
 #[cfg(unix)]
 #[path = "../examples/http_demo.rs"]
 mod http_demo;
-#[cfg(unix)]
 mod run;
-#[cfg(windows)]
-#[path = "run_windows.rs"]
-mod run;
-#[cfg(unix)]
 mod status;
 
 use anyhow::Result;
@@ -52,7 +47,6 @@ enum Command {
     /// generation on the same sockets, and once it is ready stop the old
     /// one. Prints the new pid; exits 1 with the reason if it was rolled
     /// back.
-    #[cfg(unix)]
     Reload {
         /// The control socket of the `handover run` to reload.
         #[arg(long, value_name = "PATH")]
@@ -63,7 +57,6 @@ enum Command {
     },
     /// Show a running `handover run`: generations, sockets, the fd store,
     /// restarts and the last reload.
-    #[cfg(unix)]
     Status {
         /// The control socket of the `handover run` to ask.
         #[arg(long, value_name = "PATH")]
@@ -119,9 +112,7 @@ fn real_main() -> Result<()> {
         }
         Command::DemoServer { channel } => demo::serve(&channel),
         Command::Run(args) => run::run(*args),
-        #[cfg(unix)]
         Command::Reload { control, timeout } => status::reload(control.as_deref(), &timeout),
-        #[cfg(unix)]
         Command::Status { control, json } => status::status(control.as_deref(), json),
     }
 }

@@ -30,7 +30,6 @@ mod channel;
 mod error;
 mod handle;
 pub mod listen;
-#[cfg(unix)]
 pub mod notify;
 mod outgoing;
 mod shm;

@@ -5,7 +5,8 @@
 //! the two are kept apart because Windows passes them differently.
 
 use std::os::windows::io::{
-    AsHandle, AsSocket, BorrowedHandle, BorrowedSocket, OwnedHandle, OwnedSocket,
+    AsHandle, AsRawHandle, AsSocket, BorrowedHandle, BorrowedSocket, FromRawHandle, OwnedHandle,
+    OwnedSocket, RawHandle,
 };
 
 use crate::handle::Handle;
@@ -95,6 +96,11 @@ pub trait CommandExt {
     /// however it exits, or when the [`crate::Child`] is dropped. The
     /// Windows counterpart of `parent_death_signal` on Linux.
     fn end_with_parent(&mut self, on: bool) -> &mut Command;
+    /// Lets the child inherit `event` and names it in HANDOVER_STOP_EVENT,
+    /// so that the child can learn when it is asked to stop
+    /// ([`StopEvent::from_env`]): Windows has no SIGTERM, and console
+    /// control events need a console the two processes share.
+    fn stop_event(&mut self, event: &StopEvent) -> crate::Result<&mut Command>;
 }
 
 impl CommandExt for Command {
@@ -124,5 +130,96 @@ impl CommandExt for Command {
     fn end_with_parent(&mut self, on: bool) -> &mut Command {
         self.windows.end_with_parent = on;
         self
+    }
+
+    fn stop_event(&mut self, event: &StopEvent) -> crate::Result<&mut Command> {
+        let copy = event
+            .0
+            .try_clone()
+            .map_err(crate::Error::io("DuplicateHandle"))?;
+        // An inherited handle has the same value in the child.
+        let value = copy.as_raw_handle() as usize;
+        self.env(STOP_EVENT_VAR, value.to_string());
+        self.inherit(Handle::from(copy))
+    }
+}
+
+/// The environment variable that names a child's stop event.
+pub const STOP_EVENT_VAR: &str = "HANDOVER_STOP_EVENT";
+
+/// A request to stop, as a manual-reset event: the Windows counterpart of
+/// the SIGTERM that `handover run` sends on Unix before a generation
+/// drains.
+///
+/// The supervisor makes one per child ([`StopEvent::new`]), hands it over
+/// with [`CommandExt::stop_event`] and [`set`](StopEvent::set)s it to ask
+/// the child to stop. The child takes it with [`StopEvent::from_env`] and
+/// [`wait`](StopEvent::wait)s on it, typically in a thread that then stops
+/// accepting connections, finishes the ones it has, and exits.
+#[derive(Debug)]
+pub struct StopEvent(OwnedHandle);
+
+impl StopEvent {
+    /// A fresh, unset event (not inheritable until handed to a command).
+    pub fn new() -> crate::Result<StopEvent> {
+        crate::sys::new_event()
+            .map(StopEvent)
+            .map_err(crate::Error::io("CreateEventW"))
+    }
+
+    /// The event this process was given in HANDOVER_STOP_EVENT, if any.
+    /// The variable is removed, so that programs this one starts do not
+    /// take it for theirs. A value that is not a number, or not a handle
+    /// of this process that can be waited on, is an error.
+    ///
+    /// Call it before starting threads (it edits the environment).
+    pub fn from_env() -> crate::Result<Option<StopEvent>> {
+        let Some(value) = std::env::var_os(STOP_EVENT_VAR) else {
+            return Ok(None);
+        };
+        std::env::remove_var(STOP_EVENT_VAR);
+        let bad = |why: String| crate::Error::InvalidInput {
+            what: STOP_EVENT_VAR,
+            why,
+        };
+        let text = value.to_string_lossy().into_owned();
+        let raw: usize = text
+            .parse()
+            .ok()
+            .filter(|&v| v != 0)
+            .ok_or_else(|| bad(format!("{text:?} is not a handle value")))?;
+        // SAFETY: only borrowed for the check below, which fails cleanly
+        // (ERROR_INVALID_HANDLE) for a value that is not an open handle.
+        let borrowed = unsafe { BorrowedHandle::borrow_raw(raw as RawHandle) };
+        crate::sys::wait_event(borrowed, Some(std::time::Duration::ZERO))
+            .map_err(|e| bad(format!("handle {raw} cannot be waited on: {e}")))?;
+        // SAFETY: the supervisor gave this handle to this process alone
+        // (inherited, named only in the variable just removed), and it is
+        // open: it is ours to own from here.
+        Ok(Some(StopEvent(unsafe {
+            OwnedHandle::from_raw_handle(raw as RawHandle)
+        })))
+    }
+
+    /// Asks the process that holds the other end to stop.
+    pub fn set(&self) -> crate::Result<()> {
+        crate::sys::set_event(self.0.as_handle()).map_err(crate::Error::io("SetEvent"))
+    }
+
+    /// Whether a stop was asked for, without waiting.
+    pub fn is_set(&self) -> bool {
+        self.wait_timeout(std::time::Duration::ZERO)
+    }
+
+    /// Waits until a stop is asked for.
+    pub fn wait(&self) {
+        // An error here means the handle is gone, which cannot happen to
+        // an owned one: treat it as a stop rather than spin.
+        let _ = crate::sys::wait_event(self.0.as_handle(), None);
+    }
+
+    /// Waits up to `timeout`; true once a stop was asked for.
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> bool {
+        crate::sys::wait_event(self.0.as_handle(), Some(timeout)).unwrap_or(true)
     }
 }

@@ -2,8 +2,9 @@
 //! reload` and `handover status` commands that talk to it
 //! (docs/protocol.md §16).
 //!
-//! The socket is a handover channel listener on a path, mode 0600, and
-//! only clients with our own uid (or root) are served. A request is one
+//! On Unix the socket is a handover channel listener on a path, mode 0600,
+//! and only clients with our own uid (or root) are served. On Windows it is
+//! a named pipe (`--control NAME`), which admits only the current user. A request is one
 //! message: `reload` or `status`. The answer is one message, a JSON
 //! object; a reload is answered once it is over: `{"ok":true,
 //! "generation":N,"pid":P}` when the new generation is ready, or
@@ -13,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use handover::unix::PeerCredentialsExt;
 use handover::{Channel, ChannelListener};
 
 /// How long a client may take to send its request.
@@ -22,6 +22,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Where `handover run` listens and `handover reload`/`status` connect when
 /// no `--control` is given: $HANDOVER_CONTROL, else
 /// $XDG_RUNTIME_DIR/handover.sock, else /tmp/handover-UID.sock.
+#[cfg(unix)]
 pub fn default_path() -> PathBuf {
     if let Some(p) = std::env::var_os("HANDOVER_CONTROL") {
         return p.into();
@@ -35,8 +36,63 @@ pub fn default_path() -> PathBuf {
     ))
 }
 
+/// On Windows: $HANDOVER_CONTROL, else the pipe `handover-control-USER`.
+#[cfg(windows)]
+pub fn default_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("HANDOVER_CONTROL") {
+        return p.into();
+    }
+    let user = std::env::var("USERNAME").unwrap_or_else(|_| "default".into());
+    PathBuf::from(format!("handover-control-{user}"))
+}
+
+/// Listens at `path`: a socket file (mode 0600) on Unix, a pipe name on
+/// Windows.
+#[cfg(unix)]
+fn listen_at(path: &Path) -> Result<ChannelListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let listener = ChannelListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+#[cfg(windows)]
+fn listen_at(path: &Path) -> Result<ChannelListener> {
+    Ok(ChannelListener::bind_name(&path.to_string_lossy())?)
+}
+
+#[cfg(unix)]
+fn connect_to(path: &Path) -> handover::Result<Channel> {
+    Channel::connect_timeout(path, Duration::from_secs(5))
+}
+
+#[cfg(windows)]
+fn connect_to(path: &Path) -> handover::Result<Channel> {
+    Channel::connect_name_timeout(&path.to_string_lossy(), Duration::from_secs(5))
+}
+
+/// Whether a client may use the control socket: our own uid or root. (On
+/// Windows the pipe's DACL already admits only the current user.)
+#[cfg(unix)]
+fn admitted(ch: &Channel) -> Result<(), String> {
+    use handover::unix::PeerCredentialsExt;
+    let me = rustix::process::getuid().as_raw();
+    match ch.peer_credentials() {
+        Ok(c) if c.uid() == me || c.uid() == 0 => Ok(()),
+        Ok(c) => Err(format!("uid {}", c.uid())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(windows)]
+fn admitted(_: &Channel) -> Result<(), String> {
+    Ok(())
+}
+
 pub struct Control {
     pub listener: ChannelListener,
+    #[cfg_attr(windows, allow(dead_code))]
     pub path: PathBuf,
     /// Clients accepted whose request has not arrived yet, with the time
     /// they are dropped at: the supervisor's loop never waits for one.
@@ -52,11 +108,8 @@ impl Control {
             Some(p) => (p.to_owned(), true),
             None => (default_path(), false),
         };
-        match ChannelListener::bind(&path) {
+        match listen_at(&path) {
             Ok(listener) => {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                    .with_context(|| format!("chmod {}", path.display()))?;
                 tracing::info!(path = %path.display(), "control socket");
                 Ok(Some(Control {
                     listener,
@@ -77,7 +130,14 @@ impl Control {
         }
     }
 
+    /// Removes the socket file (Unix; a pipe goes with its listener).
+    pub fn remove(&self) {
+        #[cfg(unix)]
+        let _ = std::fs::remove_file(&self.path);
+    }
+
     /// The clients still to send their request, to poll with the listener.
+    #[cfg(unix)]
     pub fn waiting(&self) -> impl Iterator<Item = &Channel> {
         self.waiting.iter().map(|(ch, _)| ch)
     }
@@ -92,20 +152,16 @@ impl Control {
     /// Clients that closed, sent something unusable, or sent nothing within
     /// REQUEST_TIMEOUT are dropped.
     pub fn requests(&mut self) -> Vec<(Channel, String)> {
-        let me = rustix::process::getuid().as_raw();
         while let Ok(ch) = self.listener.accept_timeout(Duration::ZERO) {
-            match ch.peer_credentials() {
-                Ok(c) if c.uid() == me || c.uid() == 0 => {
-                    self.waiting.push((ch, Instant::now() + REQUEST_TIMEOUT));
-                }
-                Ok(c) => {
-                    tracing::warn!(uid = c.uid(), "control: refused a client of another user");
+            match admitted(&ch) {
+                Ok(()) => self.waiting.push((ch, Instant::now() + REQUEST_TIMEOUT)),
+                Err(who) => {
+                    tracing::warn!(client = %who, "control: refused a client of another user");
                     reply(
                         &ch,
                         &serde_json::json!({"ok": false, "error": "permission denied"}),
                     );
                 }
-                Err(_) => {}
             }
         }
         let now = Instant::now();
@@ -134,7 +190,7 @@ pub fn reply(ch: &Channel, value: &serde_json::Value) {
 /// The client side: sends `request` and returns the JSON answer.
 pub fn ask(path: Option<&Path>, request: &str, timeout: Duration) -> Result<serde_json::Value> {
     let path = path.map(Path::to_owned).unwrap_or_else(default_path);
-    let ch = Channel::connect_timeout(&path, Duration::from_secs(5)).with_context(|| {
+    let ch = connect_to(&path).with_context(|| {
         format!(
             "cannot reach a running `handover run` at {} (give --control PATH)",
             path.display()

@@ -2,11 +2,16 @@
 //! NOTIFY_SOCKET (FDSTORE=1), kept across generations and passed to each
 //! new one after the listening sockets, named in LISTEN_FDNAMES, as
 //! systemd does.
+//!
+//! The hang-up watch (FDPOLL) is Unix-only: Windows handles cannot be
+//! polled for hang-up, so there an entry stays until it is removed
+//! (FDSTOREREMOVE=1) or handover exits.
 
 use std::time::SystemTime;
 
 use handover::notify::{FdStoreRequest, StoreReply};
 use handover::Handle;
+#[cfg(unix)]
 use rustix::event::{PollFd, PollFlags};
 
 /// One stored descriptor.
@@ -94,6 +99,7 @@ impl FdStore {
             .collect()
     }
 
+    #[cfg(unix)]
     /// Poll entries for the entries that are watched for hang-up; their
     /// indices come back with [`FdStore::drop_hung_up`].
     pub fn poll_fds(&self) -> Vec<PollFd<'_>> {
@@ -104,6 +110,7 @@ impl FdStore {
             .collect()
     }
 
+    #[cfg(unix)]
     /// Drops the watched entries whose poll result reported hang-up or an
     /// error; `revents` is in the order of [`FdStore::poll_fds`].
     pub fn drop_hung_up(&mut self, revents: &[PollFlags]) {

@@ -19,6 +19,10 @@ mod windows;
 #[cfg(windows)]
 pub(crate) use windows::*;
 #[cfg(windows)]
+mod windows_event;
+#[cfg(windows)]
+pub(crate) use windows_event::{set_event, wait_event};
+#[cfg(windows)]
 mod windows_listen;
 #[cfg(windows)]
 mod windows_security;

@@ -326,8 +326,8 @@ pub(crate) struct Received {
     pub frame_truncated: bool,
 }
 
-/// A manual-reset event, owned.
-fn new_event() -> io::Result<OwnedHandle> {
+/// A manual-reset event, owned, not inheritable.
+pub(crate) fn new_event() -> io::Result<OwnedHandle> {
     // SAFETY: no security attributes, no name.
     let h = unsafe { CreateEventW(std::ptr::null(), 1, 0, std::ptr::null()) };
     if h.is_null() {

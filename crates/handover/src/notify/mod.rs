@@ -1,11 +1,11 @@
 //! The sd_notify protocol, both sides: a program tells its supervisor
-//! `READY=1`, `STATUS=…`, `STOPPING=1`, `MAINPID=…` over the datagram
-//! socket named by NOTIFY_SOCKET.
+//! `READY=1`, `STATUS=…`, `STOPPING=1`, `MAINPID=…` over the transport
+//! named by NOTIFY_SOCKET.
 //!
 //! [`notify`] is the program side (like `sd_notify(3)`). [`NotifySocket`] is
-//! the supervisor side: it takes the sender's pid from the kernel
-//! (SCM_CREDENTIALS), never from the message, and closes any descriptor a
-//! sender attaches unless the caller asks for them.
+//! the supervisor side: it takes the sender's pid from the kernel, never
+//! from the message, and closes any handle a sender attaches unless the
+//! caller asks for them.
 //!
 //! The fd store (systemd's FDSTORE=1, FDNAME=, FDSTOREREMOVE=1, FDPOLL=0)
 //! is here on both sides too: [`store`] and [`remove_stored`] send
@@ -14,30 +14,39 @@
 //! docs/protocol.md, "The fd store and its acknowledgement") and wait for
 //! the supervisor's answer; [`fdstore_request`], [`ack_reply`] and
 //! [`NotifySocket::reply`] are the supervisor's pieces.
+//!
+//! The transport is systemd's on Unix: a datagram socket, descriptors in
+//! SCM_RIGHTS, the pid from SCM_CREDENTIALS (`unix.rs`). On Windows,
+//! NOTIFY_SOCKET names a pipe and each notification is one message on a
+//! handover channel (`windows.rs`); the text and the fd store's rules are
+//! the same.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rustix::net::SocketAddrUnix;
-
 use crate::error::{Error, Result};
 use crate::handle::Handle;
-use crate::sys;
+
+#[cfg(unix)]
+mod unix;
+#[cfg(unix)]
+use unix as transport;
+#[cfg(windows)]
+mod windows;
+#[cfg(windows)]
+use windows as transport;
 
 /// Sends `state` (newline-separated `KEY=VALUE` lines) to the supervisor
 /// named by NOTIFY_SOCKET. Returns `Ok(false)` when there is none.
+///
+/// On Windows this waits (up to 5 s) until the supervisor has taken the
+/// message; on Unix it only queues a datagram.
 pub fn notify(state: &str) -> Result<bool> {
-    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+    let Some(target) = notify_target()? else {
         return Ok(false);
     };
-    let target = target.into_string().map_err(|_| Error::InvalidInput {
-        what: "NOTIFY_SOCKET",
-        why: "not valid UTF-8".into(),
-    })?;
-    sys::notify_send(&target, state.as_bytes(), &[])
-        .map_err(Error::io("sendmsg(NOTIFY_SOCKET)"))?;
+    transport::send(&target, state.as_bytes(), &[])?;
     Ok(true)
 }
 
@@ -118,10 +127,6 @@ fn store_payload(name: &str, handles: &[Handle], poll: bool) -> Result<String> {
     Ok(text)
 }
 
-fn borrow(handles: &[Handle]) -> Vec<BorrowedFd<'_>> {
-    handles.iter().map(|h| h.as_fd()).collect()
-}
-
 /// Hands `handles` to the supervisor's fd store under `name`, as
 /// systemd's `sd_pid_notify_with_fds(0, 0, "FDSTORE=1\nFDNAME=name", …)`
 /// does (plus `FDPOLL=0` when `poll` is false: the supervisor then keeps
@@ -137,8 +142,7 @@ pub fn store(name: &str, handles: &[Handle], poll: bool) -> Result<bool> {
     let Some(target) = notify_target()? else {
         return Ok(false);
     };
-    sys::notify_send(&target, text.as_bytes(), &borrow(handles))
-        .map_err(Error::io("sendmsg(NOTIFY_SOCKET)"))?;
+    transport::send(&target, text.as_bytes(), handles)?;
     Ok(true)
 }
 
@@ -149,12 +153,11 @@ pub fn remove_stored(name: &str) -> Result<bool> {
     let Some(target) = notify_target()? else {
         return Ok(false);
     };
-    sys::notify_send(
+    transport::send(
         &target,
         format!("FDSTOREREMOVE=1\nFDNAME={name}\n").as_bytes(),
         &[],
-    )
-    .map_err(Error::io("sendmsg(NOTIFY_SOCKET)"))?;
+    )?;
     Ok(true)
 }
 
@@ -175,7 +178,7 @@ pub fn store_acked(
     timeout: Duration,
 ) -> Result<StoreReply> {
     let text = store_payload(name, handles, poll)?;
-    acked(text, &borrow(handles), timeout)
+    acked(text, handles, timeout)
 }
 
 /// [`remove_stored`], then waits up to `timeout` for the supervisor's
@@ -185,7 +188,7 @@ pub fn remove_stored_acked(name: &str, timeout: Duration) -> Result<StoreReply> 
     acked(format!("FDSTOREREMOVE=1\nFDNAME={name}\n"), &[], timeout)
 }
 
-fn acked(mut text: String, fds: &[BorrowedFd<'_>], timeout: Duration) -> Result<StoreReply> {
+fn acked(mut text: String, handles: &[Handle], timeout: Duration) -> Result<StoreReply> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let Some(target) = notify_target()? else {
         return Err(Error::InvalidInput {
@@ -203,23 +206,16 @@ fn acked(mut text: String, fds: &[BorrowedFd<'_>], timeout: Duration) -> Result<
     // Connected to the supervisor's socket, the client socket receives
     // datagrams from nowhere else, so an answer cannot be forged by a
     // third process that guessed the autobound address.
-    let client =
-        sys::NotifyClient::connect(&target).map_err(Error::io("connect(NOTIFY_SOCKET)"))?;
+    let client = transport::Client::connect(&target)?;
     let timed_out = || Error::TimedOut {
         op: "receive the fd store's acknowledgement",
         timeout,
     };
-    if !client
-        .send(text.as_bytes(), fds, deadline)
-        .map_err(Error::io("sendmsg(NOTIFY_SOCKET)"))?
-    {
+    if !client.send(text.as_bytes(), handles, deadline)? {
         return Err(timed_out());
     }
     loop {
-        let Some(payload) = client
-            .recv(deadline)
-            .map_err(Error::io("recvmsg(fd store acknowledgement)"))?
-        else {
+        let Some(payload) = client.recv(deadline)? else {
             return Err(timed_out());
         };
         if let Some(reply) = parse_ack(&payload, &cookie) {
@@ -411,12 +407,14 @@ pub fn fdstore_request(
     }))
 }
 
-/// One datagram received on a [`NotifySocket`].
+/// One notification received on a [`NotifySocket`].
 #[derive(Debug)]
 pub struct Notification {
     /// The sender's pid, from the kernel.
     pub pid: u32,
-    /// The sender's uid, from the kernel.
+    /// The sender's uid, from the kernel. (Not on Windows, where the pipe
+    /// admits only the current user.)
+    #[cfg(unix)]
     pub uid: u32,
     /// The fields, in order; a later field of the same name wins in [`get`](Self::get).
     pub fields: Vec<(String, String)>,
@@ -428,8 +426,9 @@ pub struct Notification {
     /// than expected: MSG_TRUNC/MSG_CTRUNC). `fields` and `handles` are
     /// empty: whatever descriptors had arrived were closed.
     pub truncated: bool,
-    /// Where the sender's socket is bound, for [`NotifySocket::reply`].
-    sender: Option<SocketAddrUnix>,
+    /// Where an answer goes, for [`NotifySocket::reply`]: the sender's
+    /// bound address on Unix, its connection on Windows.
+    sender: Option<transport::Sender>,
 }
 
 impl Notification {
@@ -469,19 +468,19 @@ pub fn parse(payload: &[u8]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The supervisor's end: a datagram socket to put in a child's
-/// NOTIFY_SOCKET.
+/// The supervisor's end, to put in a child's NOTIFY_SOCKET: a datagram
+/// socket on Unix, a pipe on Windows.
 #[derive(Debug)]
 pub struct NotifySocket {
-    inner: sys::NotifyReceiver,
+    inner: transport::Receiver,
     keep_handles: bool,
 }
 
 impl NotifySocket {
-    /// Binds a fresh abstract socket with a unique name.
+    /// Binds a fresh abstract socket (a pipe on Windows) with a unique name.
     pub fn bind_unique() -> Result<NotifySocket> {
         Ok(NotifySocket {
-            inner: sys::NotifyReceiver::bind_unique().map_err(Error::io("bind(NOTIFY_SOCKET)"))?,
+            inner: transport::Receiver::bind_unique()?,
             keep_handles: false,
         })
     }
@@ -501,18 +500,15 @@ impl NotifySocket {
     /// Receives one datagram without waiting: `Ok(None)` when none is
     /// queued.
     pub fn try_recv(&self) -> Result<Option<Notification>> {
-        let Some(raw) = self
-            .inner
-            .recv(self.keep_handles)
-            .map_err(Error::io("recvmsg(NOTIFY_SOCKET)"))?
-        else {
+        let Some(raw) = self.inner.recv(self.keep_handles)? else {
             return Ok(None);
         };
         Ok(Some(Notification {
             pid: raw.pid,
+            #[cfg(unix)]
             uid: raw.uid,
             fields: parse(&raw.payload),
-            handles: raw.fds.into_iter().map(Handle::from_raw).collect(),
+            handles: raw.handles,
             truncated: raw.truncated,
             sender: raw.sender,
         }))
@@ -526,20 +522,19 @@ impl NotifySocket {
         let Some(addr) = &to.sender else {
             return Ok(false);
         };
-        self.inner
-            .reply(addr, payload.as_bytes())
-            .map_err(Error::io("sendto(notification sender)"))?;
+        self.inner.reply(addr, payload.as_bytes())?;
         Ok(true)
     }
 }
 
-impl AsFd for NotifySocket {
+#[cfg(unix)]
+impl std::os::fd::AsFd for NotifySocket {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.inner.as_fd()
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
 
@@ -559,6 +554,7 @@ mod tests {
     fn note(payload: &[u8], handles: usize) -> Notification {
         Notification {
             pid: 1,
+            #[cfg(unix)]
             uid: 0,
             fields: parse(payload),
             handles: (0..handles)

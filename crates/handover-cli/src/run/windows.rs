@@ -1,5 +1,6 @@
-//! `handover run` on Windows: bind sockets, start a program on them, and
-//! exit as it exits.
+//! `handover run` on Windows: its command line, and the start: binding,
+//! then the supervisor, with reloads, readiness, restarts and the fd store
+//! as on Unix.
 //!
 //! The program fetches its sockets through the activation bootstrap
 //! (`handover::activation::take`) or, for programs written against the
@@ -8,8 +9,8 @@
 //! spec, a missing program, a port in use) fails before the program
 //! starts.
 //!
-//! Not on Windows yet: --accept/--inetd, --user/--group, --fd, and the
-//! notify socket; the Linux supervisor has them (src/run/).
+//! Not on Windows yet: --accept/--inetd, --user/--group, --fd and --watch;
+//! the Unix command has them (`unix.rs`).
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -17,8 +18,9 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use handover::listen::{self, Bound, ListenOptions, ListenSpec};
-use handover::windows::CommandExt;
-use handover::Command;
+use handover::{Command, Handle};
+
+use super::{lifecycle, supervise, Program};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -36,6 +38,9 @@ pub struct RunArgs {
     /// handover's own activation pipe.
     #[arg(long)]
     no_systemfd: bool,
+
+    #[command(flatten)]
+    lifecycle: lifecycle::Lifecycle,
 
     /// The program and its arguments.
     #[arg(
@@ -56,24 +61,23 @@ pub fn run(args: RunArgs) -> Result<()> {
     if specs.is_empty() {
         bail!("nothing to hand over: give at least one --listen SPEC");
     }
-    let mut cmd = Command::new(&args.command[0]);
-    // If handover is killed, the program goes too, rather than keep the
-    // ports as an orphan.
-    cmd.args(&args.command[1..])
-        .systemfd(!args.no_systemfd)
-        .end_with_parent(true);
+    let options = args.lifecycle.options(Vec::new())?;
     // A missing program is reported before anything is bound.
-    let path = cmd
+    let path = Command::new(&args.command[0])
         .resolved_program()
         .with_context(|| format!("cannot run {:?}", args.command[0].to_string_lossy()))?;
-    cmd.program_path(&path);
-    let options = ListenOptions {
+    let program = Program {
+        argv: args.command.clone(),
+        path,
+        systemfd: !args.no_systemfd,
+    };
+    let listen_options = ListenOptions {
         backlog: args.backlog,
         ..ListenOptions::default()
     };
     let bound: Vec<Bound> = specs
         .iter()
-        .map(|spec| listen::bind(spec, &options))
+        .map(|spec| listen::bind(spec, &listen_options))
         .collect::<Result<_, _>>()?;
 
     let mut stdout = std::io::stdout().lock();
@@ -84,15 +88,11 @@ pub fn run(args: RunArgs) -> Result<()> {
     stdout.flush()?;
     drop(stdout);
 
-    for b in &bound {
-        cmd.activation(b.try_clone_handle()?)?;
-    }
-    let mut child = cmd.spawn()?;
-    tracing::info!(pid = child.id(), program = %path.display(), "started");
-    // The sockets stay open here while the program runs; connections
-    // queue in the backlog even while it is starting.
-    let status = child.wait()?;
-    tracing::info!(%status, "the program exited");
-    drop(bound);
-    std::process::exit(status.code().unwrap_or(1));
+    let handles = bound
+        .iter()
+        .map(Bound::try_clone_handle)
+        .collect::<Result<Vec<Handle>, _>>()?;
+    // The sockets stay open here for the whole run; connections queue in
+    // the backlog even while a generation is starting.
+    supervise::run(&program, handles, bound, options)
 }

@@ -9,9 +9,13 @@
 //! one is ready; if the new one is not ready in time, or exits first, it
 //! is stopped and the old one keeps serving (rollback).
 //!
-//! Everything happens on one thread, in one poll loop: signals (signalfd),
-//! notifications (NOTIFY_SOCKET), the control socket, the file watcher,
-//! the fd store's hang-up watch, and deadlines.
+//! Everything happens on one thread, in one loop, and the state machine
+//! here is the same on every platform. How the loop waits, how a
+//! generation is told to stop and how processes end is the platform's:
+//! `unix.rs` (a poll loop over a signalfd, the notify socket, the control
+//! socket, the file watcher and the fd store's hang-up watch; process
+//! groups and signals) and `windows.rs` (a short-tick loop; stop events,
+//! job objects).
 
 use std::process::ExitStatus;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -19,16 +23,25 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use handover::listen::Bound;
 use handover::notify::{self, NotifySocket, StoreReply};
-use handover::unix::ChildExt;
 use handover::{Channel, Child, Handle};
-use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use serde_json::json;
 
 use super::control::{self, Control};
 use super::fdstore::FdStore;
-use super::signals::{self, Signals};
-use super::watch::Watcher;
 use super::Program;
+
+#[cfg(unix)]
+mod unix;
+#[cfg(unix)]
+use unix as os;
+#[cfg(unix)]
+pub use unix::{become_subreaper, clean_up, reap_all};
+#[cfg(windows)]
+mod windows;
+use os::Watcher;
+pub use os::{parse_stop_signal, StopSignal};
+#[cfg(windows)]
+use windows as os;
 
 /// How readiness of a new generation is told.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,7 +66,7 @@ pub enum Restart {
 pub struct Options {
     pub ready: Ready,
     pub ready_timeout: Duration,
-    pub stop_signal: i32,
+    pub stop_signal: StopSignal,
     pub stop_timeout: Duration,
     pub restart: Restart,
     pub restart_max_delay: Duration,
@@ -69,8 +82,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// How often a failing `--ready exec:` check is tried again.
 const CHECK_INTERVAL: Duration = Duration::from_millis(200);
-/// How long what a generation leaves in its process group has after
-/// SIGTERM before SIGKILL.
+/// How long what a generation leaves behind (its process group, on Unix)
+/// has after SIGTERM before SIGKILL.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,8 +118,11 @@ struct Generation {
     started_wall: SystemTime,
     stop_deadline: Option<Instant>,
     /// The running `--ready exec:` check, and when to run the next one.
-    check_pid: Option<u32>,
+    check: Option<Child>,
     next_check: Instant,
+    /// What the platform keeps per generation (its stop event, on Windows).
+    #[cfg_attr(unix, allow(dead_code))]
+    os: os::Extra,
 }
 
 /// A reload in progress: the generation it started and who waits for it.
@@ -129,7 +145,8 @@ struct Supervisor<'a> {
     opts: Options,
     listeners: Vec<Handle>,
     bound: Vec<Bound>,
-    signals: Signals,
+    #[cfg_attr(windows, allow(dead_code))]
+    os: os::Os,
     notify_socket: NotifySocket,
     control: Option<Control>,
     watcher: Option<Watcher>,
@@ -170,8 +187,7 @@ pub fn run(
     bound: Vec<Bound>,
     opts: Options,
 ) -> Result<()> {
-    let signals = Signals::install()?;
-    become_subreaper();
+    let os = os::Os::install()?;
     let notify_socket = NotifySocket::bind_unique()?.keep_handles(true);
     let control = Control::bind(opts.control.as_deref())?;
     let watcher = if opts.watch.is_empty() {
@@ -185,7 +201,7 @@ pub fn run(
         opts,
         listeners: handles,
         bound,
-        signals,
+        os,
         notify_socket,
         control,
         watcher,
@@ -219,13 +235,14 @@ pub fn run(
         }
     };
     if let Some(c) = &s.control {
-        let _ = std::fs::remove_file(&c.path);
+        c.remove();
     }
+    #[cfg(unix)]
     for &(pgid, _) in &s.leftovers {
         clean_up(pgid);
     }
     drop(s);
-    signals::exit_like(status)
+    os::exit_like(status)
 }
 
 impl Supervisor<'_> {
@@ -241,6 +258,7 @@ impl Supervisor<'_> {
         for h in self.fdstore.handles() {
             cmd.activation(h)?;
         }
+        let extra = os::prepare(&mut cmd)?;
         let child = cmd.spawn()?;
         drop(cmd);
         self.next_number += 1;
@@ -257,8 +275,9 @@ impl Supervisor<'_> {
             started: now,
             started_wall: SystemTime::now(),
             stop_deadline: None,
-            check_pid: None,
+            check: None,
             next_check: now,
+            os: extra,
         });
         Ok(number)
     }
@@ -269,80 +288,6 @@ impl Supervisor<'_> {
 
     fn serving(&self) -> Option<&Generation> {
         self.gens.iter().find(|g| g.state == State::Serving)
-    }
-
-    /// One round of the loop: wait for something, then handle it.
-    fn step(&mut self) -> Result<()> {
-        let timeout = self
-            .next_deadline()
-            .map(|d| d.saturating_duration_since(Instant::now()));
-        let (control_ready, watch_ready, notify_ready, store_revents) = {
-            let mut fds = vec![
-                PollFd::new(&self.signals, PollFlags::IN),
-                PollFd::new(&self.notify_socket, PollFlags::IN),
-            ];
-            let control_at = self.control.as_ref().map(|c| {
-                let first = fds.len();
-                fds.push(PollFd::new(&c.listener, PollFlags::IN));
-                fds.extend(c.waiting().map(|ch| PollFd::new(ch, PollFlags::IN)));
-                first..fds.len()
-            });
-            let watch_at = self.watcher.as_ref().map(|w| {
-                fds.push(PollFd::new(w, PollFlags::IN));
-                fds.len() - 1
-            });
-            let store_at = fds.len();
-            fds.extend(self.fdstore.poll_fds());
-            let ts = timeout.map(|t| Timespec {
-                tv_sec: t.as_secs() as _,
-                tv_nsec: t.subsec_nanos() as _,
-            });
-            match poll(&mut fds, ts.as_ref()) {
-                Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(e).context("poll"),
-            }
-            let ready = |i: Option<usize>| i.is_some_and(|i| !fds[i].revents().is_empty());
-            (
-                control_at.is_some_and(|r| fds[r].iter().any(|f| !f.revents().is_empty())),
-                ready(watch_at),
-                !fds[1].revents().is_empty(),
-                fds[store_at..]
-                    .iter()
-                    .map(|f| f.revents())
-                    .collect::<Vec<_>>(),
-            )
-        };
-        self.fdstore.drop_hung_up(&store_revents);
-        while let Some(sig) = self.signals.next()? {
-            self.on_signal(sig);
-        }
-        if notify_ready {
-            while let Some(n) = self.notify_socket.try_recv()? {
-                self.on_notification(n);
-            }
-        }
-        let control_due = self
-            .control
-            .as_ref()
-            .and_then(Control::next_deadline)
-            .is_some_and(|t| t <= Instant::now());
-        if control_ready || control_due {
-            let requests = self
-                .control
-                .as_mut()
-                .map(Control::requests)
-                .unwrap_or_default();
-            for (ch, request) in requests {
-                self.on_control(ch, &request);
-            }
-        }
-        if watch_ready {
-            if let Some(w) = &mut self.watcher {
-                w.drain();
-            }
-        }
-        self.on_time(Instant::now());
-        Ok(())
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -361,7 +306,7 @@ impl Supervisor<'_> {
             if !g.ready && matches!(g.state, State::Starting | State::Serving) {
                 match &self.opts.ready {
                     Ready::Delay(d) => at(Some(g.started + *d)),
-                    Ready::Exec(_) if g.check_pid.is_none() => at(Some(g.next_check)),
+                    Ready::Exec(_) if g.check.is_none() => at(Some(g.next_check)),
                     _ => {}
                 }
             }
@@ -374,52 +319,10 @@ impl Supervisor<'_> {
 
     // --- events --------------------------------------------------------
 
-    fn on_signal(&mut self, sig: i32) {
-        match sig {
-            libc::SIGCHLD => {
-                for (pid, status) in reap_all() {
-                    self.on_exit(pid, status);
-                }
-            }
-            libc::SIGPIPE => {}
-            libc::SIGHUP => {
-                tracing::info!("SIGHUP: reload");
-                self.request_reload(None);
-            }
-            libc::SIGTERM | libc::SIGINT | libc::SIGQUIT => {
-                if !self.shutting_down {
-                    tracing::info!(signal = %signals::name(sig), "stopping");
-                    self.send_up("STOPPING=1");
-                }
-                self.shutting_down = true;
-                self.restart_at = None;
-                for waiter in self.pending.take().unwrap_or_default() {
-                    control::reply(
-                        &waiter,
-                        &json!({"ok": false, "error": "handover is stopping"}),
-                    );
-                }
-                for g in &self.gens {
-                    tracing::info!(signal = %signals::name(sig), pid = g.pid, "forwarding");
-                    if let Err(e) = g.child.signal(sig) {
-                        tracing::warn!(error = %e, "forwarding failed");
-                    }
-                }
-            }
-            sig => {
-                if let Some(g) = self.serving() {
-                    tracing::info!(signal = %signals::name(sig), pid = g.pid, "forwarding");
-                    if let Err(e) = g.child.signal(sig) {
-                        tracing::warn!(error = %e, "forwarding failed");
-                    }
-                }
-            }
-        }
-    }
-
     fn on_exit(&mut self, pid: u32, status: ExitStatus) {
-        if let Some(g) = self.gens.iter_mut().find(|g| g.check_pid == Some(pid)) {
-            g.check_pid = None;
+        let is_check = |g: &&mut Generation| g.check.as_ref().is_some_and(|c| c.id() == pid);
+        if let Some(g) = self.gens.iter_mut().find(is_check) {
+            g.check = None;
             if status.success() {
                 let number = g.number;
                 self.on_ready(number);
@@ -433,11 +336,11 @@ impl Supervisor<'_> {
         };
         let g = self.gens.remove(at);
         tracing::info!(generation = g.number, pid, %status, state = g.state.name(), "exited");
-        // What it left in its process group goes too.
-        // SAFETY: kill with a negative pid signals the generation's group.
-        unsafe { libc::kill(-(g.pid as libc::pid_t), libc::SIGTERM) };
-        self.leftovers
-            .push((g.pid, Instant::now() + LEFTOVER_GRACE));
+        // What it left behind goes too.
+        if os::stop_leftovers(&g) {
+            self.leftovers
+                .push((g.pid, Instant::now() + LEFTOVER_GRACE));
+        }
         match g.state {
             State::Draining => self.on_drained(&g, status),
             State::Starting => {
@@ -665,10 +568,9 @@ impl Supervisor<'_> {
                     tracing::warn!(
                         generation = g.number,
                         pid = g.pid,
-                        "did not stop in time: SIGKILL"
+                        "did not stop in time: killed"
                     );
-                    // SAFETY: kill on the generation's process group.
-                    unsafe { libc::kill(-(g.pid as libc::pid_t), libc::SIGKILL) };
+                    os::kill_now(g);
                     g.stop_deadline = None;
                 }
             }
@@ -677,9 +579,9 @@ impl Supervisor<'_> {
             }
             match &self.opts.ready {
                 Ready::Delay(d) if g.started + *d <= now => ready.push(g.number),
-                Ready::Exec(cmd) if g.check_pid.is_none() && g.next_check <= now => {
-                    match spawn_check(cmd, g) {
-                        Ok(pid) => g.check_pid = Some(pid),
+                Ready::Exec(cmd) if g.check.is_none() && g.next_check <= now => {
+                    match os::spawn_check(cmd, g) {
+                        Ok(child) => g.check = Some(child),
                         Err(e) => {
                             tracing::warn!(error = %e, "--ready exec: cannot run the check");
                             g.next_check = now + CHECK_INTERVAL;
@@ -696,8 +598,7 @@ impl Supervisor<'_> {
             if deadline > now {
                 return true;
             }
-            // SAFETY: kill on a process group that was a generation's.
-            unsafe { libc::kill(-(pgid as libc::pid_t), libc::SIGKILL) };
+            os::kill_leftovers(pgid);
             false
         });
     }
@@ -756,20 +657,36 @@ impl Supervisor<'_> {
         self.start_pending();
     }
 
-    /// Tells a generation to stop, with `--stop-timeout` before SIGKILL.
+    /// Tells a generation to stop, with `--stop-timeout` before it is
+    /// killed.
     fn stop(&mut self, number: u64) {
-        let (signal, timeout) = (self.opts.stop_signal, self.opts.stop_timeout);
-        if let Some(g) = self.gen_mut(number) {
-            tracing::info!(generation = number, pid = g.pid, "draining");
-            g.state = State::Draining;
-            g.stop_deadline = Some(Instant::now() + timeout);
-            if let Err(e) = g.child.signal(signal) {
-                tracing::warn!(error = %e, "stop signal failed");
-            }
-            if g.main_pid != g.pid {
-                // SAFETY: kill on the pid the program named as its main one.
-                unsafe { libc::kill(g.main_pid as libc::pid_t, signal) };
-            }
+        let timeout = self.opts.stop_timeout;
+        let how = self.opts.stop_signal;
+        let Some(g) = self.gen_mut(number) else {
+            return;
+        };
+        tracing::info!(generation = number, pid = g.pid, "draining");
+        g.state = State::Draining;
+        g.stop_deadline = Some(Instant::now() + timeout);
+        os::signal_stop(g, how);
+    }
+
+    /// handover itself is asked to stop: no more restarts or reloads; the
+    /// platform tells the generations. (On Windows nothing asks yet: a
+    /// killed handover takes the program with it through its job.)
+    #[cfg_attr(windows, allow(dead_code))]
+    fn shut_down(&mut self, why: &str) {
+        if !self.shutting_down {
+            tracing::info!(reason = why, "stopping");
+            self.send_up("STOPPING=1");
+        }
+        self.shutting_down = true;
+        self.restart_at = None;
+        for waiter in self.pending.take().unwrap_or_default() {
+            control::reply(
+                &waiter,
+                &json!({"ok": false, "error": "handover is stopping"}),
+            );
         }
     }
 
@@ -800,7 +717,7 @@ impl Supervisor<'_> {
     fn start_reload(&mut self, waiters: Vec<Channel>) {
         self.send_up(&format!(
             "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading {}",
-            monotonic_usec(),
+            os::monotonic_usec(),
             self.program.name()
         ));
         if self.sequential {
@@ -860,8 +777,7 @@ impl Supervisor<'_> {
             if let Some(g) = self.gen_mut(number) {
                 g.state = State::Draining;
                 g.stop_deadline = None;
-                // SAFETY: kill on the failed generation's process group.
-                unsafe { libc::kill(-(g.pid as libc::pid_t), libc::SIGKILL) };
+                os::kill_now(g);
             }
         }
         let waiters = match self.reload.take() {
@@ -977,106 +893,4 @@ impl Supervisor<'_> {
             })),
         })
     }
-}
-
-/// Runs the `--ready exec:` check for a generation: `sh -c CMD` with
-/// HANDOVER_PID and HANDOVER_GENERATION set.
-fn spawn_check(cmd: &str, g: &Generation) -> handover::Result<u32> {
-    let mut c = handover::Command::new("/bin/sh");
-    c.arg("-c")
-        .arg(cmd)
-        .env("HANDOVER_PID", g.pid.to_string())
-        .env("HANDOVER_GENERATION", g.number.to_string());
-    let child = c.spawn()?;
-    Ok(child.id())
-}
-
-fn monotonic_usec() -> u64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the live timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
-    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1_000
-}
-
-/// Orphans of the program are re-parented to us rather than to init, so
-/// that we can reap them and none is left behind.
-pub fn become_subreaper() {
-    // SAFETY: prctl with integer arguments.
-    unsafe {
-        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
-    }
-}
-
-/// Reaps every child that has exited.
-pub fn reap_all() -> Vec<(u32, ExitStatus)> {
-    use std::os::unix::process::ExitStatusExt;
-    let mut out = Vec::new();
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid with a valid status pointer.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid <= 0 {
-            return out;
-        }
-        out.push((pid as u32, ExitStatus::from_raw(status)));
-    }
-}
-
-/// Whatever the program left behind — in its process group, or re-parented
-/// to us because we are a subreaper — is asked to stop, then killed, and
-/// reaped, so that handover never exits leaving an orphan.
-pub fn clean_up(pgid: u32) {
-    // SAFETY: kill with a negative pid signals a process group.
-    unsafe { libc::kill(-(pgid as libc::pid_t), libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut termed = Vec::new();
-    loop {
-        reap_all();
-        // SAFETY: signal 0 only checks whether the group still exists.
-        let group_alive = unsafe { libc::kill(-(pgid as libc::pid_t), 0) } == 0;
-        let children = own_children();
-        if !group_alive && children.is_empty() {
-            return;
-        }
-        for &pid in &children {
-            if !termed.contains(&pid) {
-                // SAFETY: kill on a child of ours, which we have not reaped.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-                termed.push(pid);
-            }
-        }
-        if Instant::now() >= deadline {
-            // SAFETY: as above, with SIGKILL.
-            unsafe { libc::kill(-(pgid as libc::pid_t), libc::SIGKILL) };
-            for pid in own_children() {
-                // SAFETY: as above.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            }
-            if Instant::now() >= deadline + Duration::from_secs(2) {
-                tracing::warn!("some descendants could not be reaped");
-                return;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// This process's children, from /proc (every thread's list).
-fn own_children() -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return out;
-    };
-    for task in tasks.flatten() {
-        if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
-            out.extend(
-                list.split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            );
-        }
-    }
-    out
 }
