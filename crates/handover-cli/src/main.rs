@@ -9,6 +9,10 @@ mod demo_reload;
 mod http_demo;
 mod run;
 mod status;
+#[cfg(unix)]
+mod hold;
+#[cfg(unix)]
+mod holder_cmds;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -65,6 +69,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the holder: a daemon that keeps named sockets and other handles
+    /// for unrelated processes, with access rules (docs/protocol.md §17).
+    #[cfg(unix)]
+    Hold(Box<hold::HoldArgs>),
+    /// Store a descriptor (or a socket bound from a spec) in the holder.
+    #[cfg(unix)]
+    Put(holder_cmds::PutArgs),
+    /// Start PROGRAM with entries from the holder at descriptors 3, 4, …
+    /// (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES), or on its stdin.
+    #[cfg(unix)]
+    Get(holder_cmds::GetArgs),
+    /// List the holder's entries: name, kind, address, owner, times.
+    #[cfg(unix)]
+    Ls(holder_cmds::LsArgs),
+    /// Remove an entry from the holder, closing its descriptor.
+    #[cfg(unix)]
+    Rm(holder_cmds::RmArgs),
+    /// Wait until the holder has an entry of this name.
+    #[cfg(unix)]
+    Wait(holder_cmds::WaitArgs),
     /// The second process of `handover demo` (internal).
     #[command(hide = true)]
     DemoServer {
@@ -114,5 +138,17 @@ fn real_main() -> Result<()> {
         Command::Run(args) => run::run(*args),
         Command::Reload { control, timeout } => status::reload(control.as_deref(), &timeout),
         Command::Status { control, json } => status::status(control.as_deref(), json),
+        #[cfg(unix)]
+        Command::Hold(args) => hold::run(*args),
+        #[cfg(unix)]
+        Command::Put(args) => holder_cmds::put(args),
+        #[cfg(unix)]
+        Command::Get(args) => holder_cmds::get(args),
+        #[cfg(unix)]
+        Command::Ls(args) => holder_cmds::ls(args),
+        #[cfg(unix)]
+        Command::Rm(args) => holder_cmds::rm(args),
+        #[cfg(unix)]
+        Command::Wait(args) => holder_cmds::wait(args),
     }
 }

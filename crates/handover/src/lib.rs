@@ -29,6 +29,8 @@ mod bootstrap;
 mod channel;
 mod error;
 mod handle;
+#[cfg(unix)]
+pub mod holder;
 pub mod listen;
 pub mod notify;
 mod outgoing;
