@@ -334,6 +334,12 @@ struct Summary {
     failed_steady: usize,
     failed_windows: usize,
     failing_ms: Vec<f64>,
+    /// Successful requests of the reloading phase outside the windows: the
+    /// machine's own noise at the same time.
+    between: Latencies,
+    /// Every successful request started in the reloading phase, windows or
+    /// not: a coarser definition of "during reloads".
+    phase: Latencies,
     window_ms: Vec<f64>,
     ready_ms: Vec<f64>,
 }
@@ -341,14 +347,20 @@ struct Summary {
 fn summarize(run: &Run) -> Summary {
     let mut steady_ns = Vec::new();
     let mut during_ns = Vec::new();
+    let mut between_ns = Vec::new();
+    let mut phase_ns = Vec::new();
     let (mut failed_steady, mut failed_windows) = (0, 0);
     for r in &run.requests {
         let phase = stats::classify(r, run.steady, &run.windows);
+        if r.ok() && r.start > run.steady.end {
+            phase_ns.push(r.latency());
+        }
         match (phase, r.ok()) {
             (Phase::Steady, true) => steady_ns.push(r.latency()),
             (Phase::Steady, false) => failed_steady += 1,
             (Phase::Reload(_), true) => during_ns.push(r.latency()),
             (Phase::Reload(_), false) => failed_windows += 1,
+            (Phase::Between, true) => between_ns.push(r.latency()),
             _ => {}
         }
     }
@@ -381,6 +393,8 @@ fn summarize(run: &Run) -> Summary {
         steady_rate,
         during: Latencies::of(during_ns),
         during_rate,
+        between: Latencies::of(between_ns),
+        phase: Latencies::of(phase_ns),
         failed: run.requests.iter().filter(|r| !r.ok()).count(),
         failed_by_kind,
         failed_steady,
@@ -497,6 +511,15 @@ fn build_report(args: &Args, runs: &[Run], port: u16, load_before: &str) -> Resu
             .iter()
             .map(|(o, n)| format!("{n} {}", o.name()))
             .collect();
+        notes.push(format!(
+            "{}: p99 of the whole reloading phase {:.0} us ({:.2}x steady; {} requests), of its requests outside the windows {:.0} us ({:.2}x steady)",
+            subject.name(),
+            s.phase.p99_us,
+            s.phase.p99_us / s.steady.p99_us,
+            s.phase.count,
+            s.between.p99_us,
+            s.between.p99_us / s.steady.p99_us,
+        ));
         notes.push(format!(
             "{}: windows {} ms; new server ready {} ms after the request; {} requests in the steady state, {} during reloads; failed: {} ({} in the steady state, {} during reloads){}",
             subject.name(),
