@@ -6,10 +6,12 @@
 //! cargo run --release -p handover-bench -- channel [--json]
 //! cargo build --release -p handover-cli && cargo run --release -p handover-bench -- accept [--json]
 //! cargo build --release -p handover-cli && cargo run --release -p handover-bench -- restart [--json]
+//! cargo build --release -p handover-cli && cargo run --release -p handover-bench -- holder [--json]
 //! ```
 
 mod accept;
 mod channel;
+mod holder;
 mod report;
 mod restart;
 
@@ -39,6 +41,12 @@ enum Scenario {
     /// start). Needs target/release/handover (`cargo build --release -p
     /// handover-cli`).
     Restart(restart::Args),
+    /// Store + retrieve round trips per second through `handover hold`:
+    /// the library client against a bare channel, and the CLI (put + get)
+    /// against s6-fdholder-store + s6-fdholder-retrieve (Debian's s6).
+    /// Needs target/release/handover (`cargo build --release -p
+    /// handover-cli`).
+    Holder(holder::Args),
 }
 
 fn main() -> Result<()> {
@@ -48,6 +56,7 @@ fn main() -> Result<()> {
         Scenario::Channel(args) => channel::run(args),
         Scenario::Accept(args) => accept::run(args),
         Scenario::Restart(args) => restart::run(args),
+        Scenario::Holder(args) => holder::run(args),
     }
 }
 
