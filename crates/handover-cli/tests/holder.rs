@@ -465,3 +465,29 @@ fn sigterm_stops_cleanly() {
     let e = fails(&mut second);
     assert!(e.contains("--takeover"), "{e}");
 }
+
+/// `handover get` passes signals on to its program and exits as it did,
+/// with its code or of the same signal.
+#[test]
+fn get_passes_signals_on_and_exits_like_its_program() {
+    use std::io::BufRead;
+    use std::os::unix::process::ExitStatusExt;
+    let holder = Holder::start(&[]);
+    ok(&mut holder.cmd(["put", "x", "--listen", "127.0.0.1:0"]));
+    let script = "trap 'exit 42' TERM; echo ready; while :; do sleep 0.05; done";
+    let mut get = holder.cmd(["get", "x", "--", "sh", "-c", script]);
+    get.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut get = get.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(get.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "ready\n");
+    // SAFETY: kill has no memory effects.
+    unsafe { libc::kill(get.id() as i32, libc::SIGTERM) };
+    assert_eq!(wait_child(&mut get).code(), Some(42));
+
+    let out = run(&mut holder.cmd(["get", "x", "--", "sh", "-c", "kill -KILL $$"]));
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL));
+}
