@@ -277,6 +277,26 @@ fn cli_put_get_ls_rm() {
     let out = ok(&mut holder.cmd(["get", "in", "--stdin", "--", "cat"]));
     assert_eq!(out, "through stdin\n");
 
+    // A Unix socket bound by `put` keeps its file after `put` exits: the
+    // socket lives on in the holder, and connections reach it.
+    let unix_path = holder.dir.join("put.sock");
+    let printed = ok(&mut holder.cmd([
+        "put",
+        "u",
+        "--listen",
+        &format!("unix:{}", unix_path.display()),
+    ]));
+    assert_eq!(printed.trim(), unix_path.to_str().unwrap());
+    assert!(unix_path.exists(), "the socket file was removed");
+    let mut c = holder.client();
+    let unix = c.retrieve("u").unwrap().into_unix_listener().unwrap();
+    let mut client_end = UnixStream::connect(&unix_path).unwrap();
+    let (mut server_end, _) = unix.accept().unwrap();
+    server_end.write_all(b"u").unwrap();
+    let mut one = [0u8; 1];
+    client_end.read_exact(&mut one).unwrap();
+    c.remove("u").unwrap();
+
     // The exit status is the program's.
     let out = run(&mut holder.cmd(["get", "web", "--", "sh", "-c", "exit 7"]));
     assert_eq!(out.status.code(), Some(7));
