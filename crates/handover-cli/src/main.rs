@@ -3,16 +3,16 @@
 mod demo;
 #[cfg(unix)]
 mod demo_reload;
+#[cfg(unix)]
+mod hold;
+#[cfg(unix)]
+mod holder_cmds;
 /// The HTTP demo server, built in so that `handover demo` needs nothing else.
 #[cfg(unix)]
 #[path = "../examples/http_demo.rs"]
 mod http_demo;
 mod run;
 mod status;
-#[cfg(unix)]
-mod hold;
-#[cfg(unix)]
-mod holder_cmds;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
