@@ -485,6 +485,14 @@ async fn request(
 }
 
 fn denied(peer: Peer, op: Op, name: &str) -> Reply {
+    tracing::info!(
+        uid = peer.uid,
+        gid = peer.gid,
+        pid = peer.pid,
+        op = op.as_str(),
+        name,
+        "denied"
+    );
     failed(
         ErrorCode::Denied,
         format!(
