@@ -271,6 +271,20 @@ fn broken_frames_get_an_error_and_leak_nothing() {
     assert!(started.elapsed() >= Duration::from_millis(1500));
     drop(ch);
     holder.assert_fds(before, "a half message");
+
+    // A client that leaves in the middle of a message, descriptors sent.
+    for _ in 0..10 {
+        let sock = raw_connect(&holder);
+        let (r, _w) = pipe();
+        raw_send(
+            sock.as_fd(),
+            &frame(FLAG_FIRST, (2, n), 1, &body[..4], 4),
+            &[r.as_fd()],
+        );
+    }
+    holder.assert_fds(before, "clients gone mid-message");
+    let mut c = holder.client();
+    c.list().unwrap();
 }
 
 /// Clients that connect and say nothing are dropped at the timeout and
