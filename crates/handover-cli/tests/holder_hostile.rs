@@ -377,8 +377,10 @@ fn each_limit_has_a_clear_error() {
 
     // Names: length and characters, from the holder itself (a raw
     // channel) and from the CLI.
-    let ch = Channel::connect(&holder.path).unwrap();
     drop(c2);
+    drop(holder);
+    let holder = Holder::start(&[]);
+    let ch = Channel::connect(&holder.path).unwrap();
     let (r, _w) = pipe();
     for name in [
         "x".repeat(256),
