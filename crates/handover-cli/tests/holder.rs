@@ -511,3 +511,30 @@ fn get_passes_signals_on_and_exits_like_its_program() {
     let out = run(&mut holder.cmd(["get", "x", "--", "sh", "-c", "kill -KILL $$"]));
     assert_eq!(out.status.signal(), Some(libc::SIGKILL));
 }
+
+/// A client in Python, standard library only, written from
+/// docs/protocol.md §17 on top of the channel framing of
+/// tests/interop/peer.py: store, list, retrieve (a listener stored from
+/// Rust), retrieve with remove, and the error codes.
+#[test]
+fn a_python_client_written_from_the_protocol() {
+    let holder = Holder::start(&[]);
+    let mut c = holder.client();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    c.store("rust/listener", &Handle::from(l), StoreOptions::new())
+        .unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/interop/holder_peer.py"
+    );
+    let mut python = std::process::Command::new("python3");
+    python.arg(script).arg(&holder.path).arg(port.to_string());
+    let out = run(&mut python);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("all good"), "{stderr}");
+    // What Python left behind, seen from Rust.
+    let names: Vec<String> = c.list().unwrap().into_iter().map(|e| e.name).collect();
+    assert_eq!(names, ["py/kept", "rust/listener"]);
+}
