@@ -163,12 +163,11 @@ pub fn run(args: HoldArgs) -> Result<()> {
     let file = std::fs::metadata(&path)
         .map(|m| (m.dev(), m.ino()))
         .with_context(|| format!("stat {}", path.display()))?;
-    tracing::info!(
-        path = %path.display(),
-        rules = rules.len(),
-        entries = store.len(),
-        max_clients = args.max_clients,
-        "holder ready"
+    let ready = format!(
+        "holder ready: {}, {} rules, {} entries",
+        path.display(),
+        rules.len(),
+        store.len()
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -192,7 +191,7 @@ pub fn run(args: HoldArgs) -> Result<()> {
             handed_over: Notify::new(),
             listener,
         });
-        serve(shared, args.rules, args.max_clients).await
+        serve(shared, args.rules, args.max_clients, ready).await
     })?;
     match outcome {
         Stop::HandedOver => {
@@ -219,11 +218,14 @@ async fn serve(
     shared: Arc<Shared>,
     rules_path: Option<PathBuf>,
     max_clients: usize,
+    ready: String,
 ) -> Result<Stop> {
     let mut tasks = JoinSet::new();
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    // Only now: from here on SIGHUP reloads instead of ending the holder.
+    tracing::info!(max_clients, "{ready}");
     let mut frozen = shared.frozen.subscribe();
     let stop = loop {
         let is_frozen = *frozen.borrow_and_update();
