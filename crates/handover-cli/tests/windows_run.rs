@@ -1,7 +1,8 @@
 //! `handover run` on Windows, run under Wine by scripts/windows-test.sh: a
 //! server written against the `listenfd` crate (examples/listenfd_server.rs,
 //! systemfd's Windows protocol) serves through the socket handover bound,
-//! and mistakes are reported before anything starts.
+//! mistakes are reported before anything starts, and reloads, rollback and
+//! the fd store work as on Linux.
 
 #![cfg(windows)]
 
@@ -202,9 +203,306 @@ fn an_activation_program_takes_its_socket_through_the_bootstrap() {
     let answer = get(&addr);
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
     let body = answer.split("\r\n\r\n").nth(1).unwrap();
-    assert!(body.starts_with("generation 0 pid "), "{body}");
-    let pid: u32 = body["generation 0 pid ".len()..].trim().parse().unwrap();
+    assert!(body.starts_with("generation 1 pid "), "{body}");
+    let pid: u32 = body["generation 1 pid ".len()..].trim().parse().unwrap();
     assert_ne!(pid, handover.id());
     terminate(pid);
     handover.wait().unwrap();
+}
+
+// --- reloads, rollback and the fd store ------------------------------------
+
+/// A control pipe name of this test's own.
+fn control_name(test: &str) -> String {
+    format!("handover-test-{test}-{}", std::process::id())
+}
+
+/// `handover reload` or `handover status --json` against `ctl`.
+fn handover_cmd(args: &[&str], ctl: &str) -> std::process::Output {
+    Command::new(HANDOVER)
+        .args(args)
+        .args(["--control", ctl])
+        .output()
+        .unwrap()
+}
+
+fn status(ctl: &str) -> serde_json::Value {
+    let out = handover_cmd(&["status", "--json"], ctl);
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Polls `f` every 50 ms until it gives a value, for at most WAIT.
+fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One GET on a new connection: the generation that answered, or what
+/// went wrong.
+fn try_get(addr: &str) -> Result<u64, String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\nHost: t\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .map_err(|e| format!("read: {e} (got {out:?})"))?;
+    let body = out
+        .strip_prefix("HTTP/1.1 200 OK\r\n")
+        .and_then(|rest| rest.split("\r\n\r\n").nth(1))
+        .ok_or_else(|| format!("not a 200: {out:?}"))?;
+    body.strip_prefix("generation ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|g| g.parse().ok())
+        .ok_or_else(|| format!("unexpected body {body:?}"))
+}
+
+/// Ends handover (and, through its job, every generation).
+fn end(mut handover: Child) {
+    let _ = handover.kill();
+    let _ = handover.wait();
+}
+
+#[test]
+fn reloads_under_load_fail_no_request() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let ctl = control_name("load");
+    let (handover, addr) = start_under_handover(
+        &["--ready", "notify", "--control", &ctl, "--no-systemfd"],
+        &example("http_demo"),
+    );
+    wait_until("generation 1 to serve", || try_get(&addr).ok());
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let served = Arc::new(Mutex::new(std::collections::BTreeMap::<u64, u64>::new()));
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, failures, served, addr) =
+                (stop.clone(), failures.clone(), served.clone(), addr.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match try_get(&addr) {
+                        Ok(g) => *served.lock().unwrap().entry(g).or_default() += 1,
+                        Err(e) => failures.lock().unwrap().push(e),
+                    }
+                }
+            })
+        })
+        .collect();
+    for n in 2..=4u64 {
+        let out = handover_cmd(&["reload"], &ctl);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "reload {n}: {out:?}");
+        assert!(text.contains(&format!("generation {n}")), "{text}");
+        wait_until(&format!("generation {n} to answer"), || {
+            served.lock().unwrap().contains_key(&n).then_some(())
+        });
+    }
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    let served = served.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!((1..=4).all(|g| served.contains_key(&g)), "{served:?}");
+    let s = status(&ctl);
+    assert_eq!(s["reloads"]["ok"], 3, "{s}");
+    assert_eq!(s["reloads"]["failed"], 0, "{s}");
+    // The old generations drained and exited on their stop events, well
+    // before --stop-timeout (30 s) would have killed them.
+    let gens = wait_until("the old generations to exit", || {
+        let s = status(&ctl);
+        let gens = s["generations"].as_array().unwrap().clone();
+        (gens.len() == 1).then_some(gens)
+    });
+    assert_eq!(gens[0]["generation"], 4);
+    end(handover);
+}
+
+#[test]
+fn a_generation_never_ready_is_rolled_back() {
+    let ctl = control_name("rollback");
+    // No generation says READY=1 in time (http_demo --delay-ready 600):
+    // the first serves anyway, replacing nothing; a reload's must be ready
+    // to take over, so it is rolled back after --ready-timeout.
+    let (handover, addr) = {
+        let mut h = Command::new(HANDOVER)
+            .args([
+                "run",
+                "--ready",
+                "notify",
+                "--ready-timeout",
+                "2s",
+                "--control",
+                &ctl,
+            ])
+            .args(["-l", "127.0.0.1:0=http", "--"])
+            .arg(example("http_demo"))
+            .args(["--delay-ready", "600"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let rx = lines(&mut h);
+        let line = rx.recv_timeout(WAIT).unwrap();
+        let addr = line
+            .strip_prefix("handover: listening on ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap()
+            .to_owned();
+        (h, addr)
+    };
+    assert_eq!(wait_until("generation 1", || try_get(&addr).ok()), 1);
+    let out = handover_cmd(&["reload"], &ctl);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        err.contains("reload failed") && err.contains("not ready"),
+        "{err}"
+    );
+    assert_eq!(try_get(&addr), Ok(1), "the old generation keeps serving");
+    let s = status(&ctl);
+    assert_eq!(s["reloads"]["failed"], 1, "{s}");
+    assert_eq!(s["last_reload"]["ok"], false, "{s}");
+    end(handover);
+}
+
+/// What `fdstore_program` writes, line by line.
+fn report_lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_fd_store_passes_a_file_to_the_next_generation() {
+    let ctl = control_name("fdstore");
+    let dir = std::env::temp_dir().join(format!("handover-fdstore-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let report = dir.join("report.txt");
+    let _ = std::fs::remove_file(&report);
+    let mut h = Command::new(HANDOVER)
+        .args(["run", "--ready", "notify", "--control", &ctl])
+        .args(["-l", "127.0.0.1:0=http", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "fdstore_program",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("HANDOVER_TEST_REPORT", &report)
+        .env("HANDOVER_TEST_DIR", &dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _rx = lines(&mut h);
+    wait_until("generation 1 to be ready", || {
+        report_lines(&report)
+            .iter()
+            .any(|l| l == "generation 1: 1 listener, no state; stored")
+            .then_some(())
+    });
+    let out = handover_cmd(&["reload"], &ctl);
+    assert!(out.status.success(), "{out:?} {:?}", report_lines(&report));
+    let lines = wait_until("generation 2 to take the stored file", || {
+        let lines = report_lines(&report);
+        lines
+            .iter()
+            .any(|l| l == "generation 1: stop asked")
+            .then_some(lines)
+    });
+    assert!(
+        lines.contains(
+            &"generation 2: 1 listener, state \"written by generation 1\"; stored".to_owned()
+        ),
+        "{lines:?}"
+    );
+    let s = status(&ctl);
+    let store = s["fdstore"].as_array().unwrap();
+    assert_eq!(store.len(), 1, "{s}");
+    assert_eq!(store[0]["name"], "state", "{s}");
+    assert_eq!(store[0]["generation"], 2, "{s}");
+    end(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The program of `the_fd_store_passes_a_file_to_the_next_generation`, run
+/// by handover as this test executable: it takes its listener and the
+/// stored "state" file, replaces the stored file with its own (removal and
+/// store both acknowledged), says READY=1, and waits for its stop event.
+#[test]
+#[ignore = "a program for `handover run`, started by the test above"]
+fn fdstore_program() {
+    use handover::notify::{self, StoreReply};
+    use handover::windows::StopEvent;
+    use std::io::Seek;
+    let (Some(report), Some(dir)) = (
+        std::env::var_os("HANDOVER_TEST_REPORT"),
+        std::env::var_os("HANDOVER_TEST_DIR"),
+    ) else {
+        panic!("run by the_fd_store_passes_a_file_to_the_next_generation only");
+    };
+    let say = |line: String| {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&report)
+            .unwrap();
+        writeln!(f, "{line}").unwrap();
+    };
+    let activation = handover::activation::take().unwrap();
+    let stop = StopEvent::from_env()
+        .unwrap()
+        .expect("a stop event from handover run");
+    let generation = std::env::var("HANDOVER_GENERATION").unwrap();
+    let mut handles = activation.into_handles();
+    let state = handles
+        .iter()
+        .position(|h| h.name() == Some("state"))
+        .map(|at| handles.remove(at));
+    let listeners = handles.iter().filter(|h| h.name() == Some("http")).count();
+    let state = match state {
+        None => "no state".to_owned(),
+        Some(h) => {
+            let mut f = h.into_file().unwrap();
+            f.rewind().unwrap();
+            let mut text = String::new();
+            f.read_to_string(&mut text).unwrap();
+            format!("state {text:?}")
+        }
+    };
+    let timeout = Duration::from_secs(10);
+    let removed = notify::remove_stored_acked("state", timeout).unwrap();
+    assert_eq!(removed, StoreReply::Removed);
+    let path = std::path::Path::new(&dir).join(format!("state-{generation}.txt"));
+    std::fs::write(&path, format!("written by generation {generation}")).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let stored =
+        notify::store_acked("state", &[handover::Handle::from(file)], false, timeout).unwrap();
+    assert_eq!(stored, StoreReply::Stored);
+    say(format!(
+        "generation {generation}: {listeners} listener{}, {state}; stored",
+        if listeners == 1 { "" } else { "s" }
+    ));
+    notify::notify("READY=1").unwrap();
+    stop.wait();
+    say(format!("generation {generation}: stop asked"));
 }
