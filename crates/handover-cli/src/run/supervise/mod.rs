@@ -238,9 +238,7 @@ pub fn run(
         c.remove();
     }
     #[cfg(unix)]
-    for &(pgid, _) in &s.leftovers {
-        clean_up(pgid);
-    }
+    unix::clean_up_at_exit(&s.leftovers.iter().map(|&(g, _)| g).collect::<Vec<_>>());
     drop(s);
     os::exit_like(status)
 }

@@ -173,17 +173,38 @@ pub(super) fn kill_now(g: &mut Generation) {
 }
 
 /// What an exited generation left in its process group is asked to stop;
-/// the supervisor kills it after LEFTOVER_GRACE (`kill_leftovers`).
+/// the supervisor kills it after LEFTOVER_GRACE (`kill_leftovers`). False
+/// when nothing is left.
 pub(super) fn stop_leftovers(g: &Generation) -> bool {
-    // SAFETY: kill with a negative pid signals the generation's group.
+    if !group_is_ours(g.pid) {
+        return false;
+    }
+    // SAFETY: kill with a negative pid signals the generation's group,
+    // which still has a member that is our child.
     unsafe { libc::kill(-(g.pid as libc::pid_t), libc::SIGTERM) };
     true
 }
 
 /// The grace is over: SIGKILL to what is left of a generation's group.
 pub(super) fn kill_leftovers(pgid: u32) {
-    // SAFETY: kill on a process group that was a generation's.
-    unsafe { libc::kill(-(pgid as libc::pid_t), libc::SIGKILL) };
+    if group_is_ours(pgid) {
+        // SAFETY: kill on a process group that was a generation's and
+        // still has a member that is our child.
+        unsafe { libc::kill(-(pgid as libc::pid_t), libc::SIGKILL) };
+    }
+}
+
+/// Whether process group `pgid` (a generation's, by number) still has a
+/// member that is our child. Once every member is gone the number is free
+/// for the system to give to an unrelated group, which must never be
+/// signalled. What a generation leaves behind is re-parented to us (the
+/// subreaper), so a live leftover always shows up among our children.
+fn group_is_ours(pgid: u32) -> bool {
+    own_children().into_iter().any(|pid| {
+        rustix::process::Pid::from_raw(pid as i32)
+            .and_then(|p| rustix::process::getpgid(Some(p)).ok())
+            .is_some_and(|g| g.as_raw_nonzero().get() as u32 == pgid)
+    })
 }
 
 /// Runs the `--ready exec:` check for a generation: `sh -c CMD` with
@@ -240,16 +261,36 @@ pub fn reap_all() -> Vec<(u32, ExitStatus)> {
 /// to us because we are a subreaper — is asked to stop, then killed, and
 /// reaped, so that handover never exits leaving an orphan.
 pub fn clean_up(pgid: u32) {
-    // SAFETY: kill with a negative pid signals a process group.
-    unsafe { libc::kill(-(pgid as libc::pid_t), libc::SIGTERM) };
+    clean_up_groups(&[pgid]);
+}
+
+/// At exit: what is left of the generations' groups, and every child of
+/// ours (descendants re-parented to us, in whatever group or session), is
+/// stopped and reaped.
+pub(super) fn clean_up_at_exit(pgids: &[u32]) {
+    clean_up_groups(pgids);
+}
+
+fn clean_up_groups(pgids: &[u32]) {
+    // A group is signalled only while it still has a member that is our
+    // child: its number may belong to an unrelated group once it is empty.
+    let ours = || -> Vec<u32> {
+        pgids
+            .iter()
+            .copied()
+            .filter(|&g| group_is_ours(g))
+            .collect()
+    };
+    for g in ours() {
+        // SAFETY: kill with a negative pid signals a process group.
+        unsafe { libc::kill(-(g as libc::pid_t), libc::SIGTERM) };
+    }
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut termed = Vec::new();
     loop {
         reap_all();
-        // SAFETY: signal 0 only checks whether the group still exists.
-        let group_alive = unsafe { libc::kill(-(pgid as libc::pid_t), 0) } == 0;
         let children = own_children();
-        if !group_alive && children.is_empty() {
+        if children.is_empty() {
             return;
         }
         for &pid in &children {
@@ -260,8 +301,10 @@ pub fn clean_up(pgid: u32) {
             }
         }
         if Instant::now() >= deadline {
-            // SAFETY: as above, with SIGKILL.
-            unsafe { libc::kill(-(pgid as libc::pid_t), libc::SIGKILL) };
+            for g in ours() {
+                // SAFETY: as above, with SIGKILL.
+                unsafe { libc::kill(-(g as libc::pid_t), libc::SIGKILL) };
+            }
             for pid in own_children() {
                 // SAFETY: as above.
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
