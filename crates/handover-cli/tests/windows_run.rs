@@ -506,3 +506,36 @@ fn fdstore_program() {
     stop.wait();
     say(format!("generation {generation}: stop asked"));
 }
+
+#[test]
+fn a_change_under_a_watched_directory_reloads() {
+    let ctl = control_name("watch");
+    let dir = std::env::temp_dir().join(format!("handover-watch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    std::fs::write(dir.join("src").join("main.rs"), "fn main() {}\n").unwrap();
+    let dir_arg = dir.to_str().unwrap();
+    let (handover, addr) = start_under_handover(
+        &["--ready", "notify", "--watch", dir_arg, "--control", &ctl],
+        &example("http_demo"),
+    );
+    assert_eq!(wait_until("generation 1", || try_get(&addr).ok()), 1);
+    // Nothing changed yet: no reload (a scan or two have passed).
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(status(&ctl)["reloads"]["ok"], 0);
+    std::fs::write(
+        dir.join("src").join("main.rs"),
+        "fn main() { println!(\"changed\"); }\n",
+    )
+    .unwrap();
+    let s = wait_until("the change to reload", || {
+        let s = status(&ctl);
+        (s["reloads"]["ok"] == 1).then_some(s)
+    });
+    assert_eq!(s["reloads"]["failed"], 0, "{s}");
+    wait_until("generation 2 to answer", || {
+        (try_get(&addr) == Ok(2)).then_some(())
+    });
+    end(handover);
+    let _ = std::fs::remove_dir_all(&dir);
+}

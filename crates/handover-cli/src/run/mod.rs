@@ -16,7 +16,7 @@ pub mod control;
 mod fdstore;
 mod lifecycle;
 #[cfg(unix)]
-mod signals;
+pub(crate) mod signals;
 mod supervise;
 #[cfg(unix)]
 mod unix;
@@ -24,6 +24,8 @@ mod unix;
 mod users;
 #[cfg(unix)]
 mod watch;
+#[cfg(windows)]
+mod watch_poll;
 #[cfg(windows)]
 mod windows;
 
@@ -129,7 +131,7 @@ pub fn duration(text: &str) -> Result<std::time::Duration> {
         _ => bail!("{text:?}: unknown unit {unit:?} (ms, s, m, h)"),
     };
     if secs > 365.0 * 86_400.0 {
-        bail!("{text:?} is too long");
+        bail!("{text:?} is too long (at most a year)");
     }
     Ok(std::time::Duration::from_secs_f64(secs))
 }

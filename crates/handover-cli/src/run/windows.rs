@@ -9,11 +9,15 @@
 //! spec, a missing program, a port in use) fails before the program
 //! starts.
 //!
-//! Not on Windows yet: --accept/--inetd, --user/--group, --fd and --watch;
-//! the Unix command has them (`unix.rs`).
+//! `--watch` polls the paths every 500 ms (`watch_poll.rs`) where Linux
+//! has inotify.
+//!
+//! Not on Windows yet: --accept/--inetd, --user/--group and --fd; the Unix
+//! command has them (`unix.rs`).
 
 use std::ffi::OsString;
 use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -42,6 +46,12 @@ pub struct RunArgs {
     #[command(flatten)]
     lifecycle: lifecycle::Lifecycle,
 
+    /// Reload when anything under PATH changes (debounced), for the
+    /// edit-compile-reload loop. On Windows the paths are polled every
+    /// 500 ms.
+    #[arg(long, value_name = "PATH", num_args = 1)]
+    watch: Vec<PathBuf>,
+
     /// The program and its arguments.
     #[arg(
         required = true,
@@ -61,7 +71,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     if specs.is_empty() {
         bail!("nothing to hand over: give at least one --listen SPEC");
     }
-    let options = args.lifecycle.options(Vec::new())?;
+    let options = args.lifecycle.options(args.watch.clone())?;
     // A missing program is reported before anything is bound.
     let path = Command::new(&args.command[0])
         .resolved_program()

@@ -4,8 +4,10 @@
 //! so the loop ticks: every TICK (or sooner, at a deadline) it looks at
 //! each process (a zero-time wait on its handle), takes queued
 //! notifications and control requests (zero-timeout accepts and reads),
-//! then handles deadlines. A reload's hand-over is therefore at most a
-//! tick late, which the sockets absorb: connections wait in the backlog.
+//! lets the `--watch` watcher rescan (it polls, at most every 500 ms:
+//! `run/watch_poll.rs`), then handles deadlines. A reload's hand-over is
+//! therefore at most a tick late, which the sockets absorb: connections
+//! wait in the backlog.
 //!
 //! A generation is told to stop through its stop event
 //! (`handover::windows::StopEvent`, HANDOVER_STOP_EVENT), Windows having no
@@ -56,22 +58,9 @@ pub fn parse_stop_signal(text: &str) -> Result<StopSignal> {
     }
 }
 
-/// --watch is Unix-only (inotify): on Windows there is never a watcher.
-pub enum Watcher {}
-
-impl Watcher {
-    pub fn new(_paths: &[std::path::PathBuf]) -> Result<Watcher> {
-        bail!("--watch is not available on Windows yet")
-    }
-
-    pub fn due(&self) -> Option<Instant> {
-        match *self {}
-    }
-
-    pub fn take_due(&mut self, _now: Instant) -> bool {
-        match *self {}
-    }
-}
+/// --watch polls on Windows (`run/watch_poll.rs`), rescanning from
+/// `step` at most every 500 ms.
+pub use crate::run::watch_poll::Watcher;
 
 /// Gives the generation its stop event.
 pub(super) fn prepare(cmd: &mut handover::Command) -> Result<Extra> {
@@ -114,7 +103,11 @@ impl Supervisor<'_> {
         for (ch, request) in requests {
             self.on_control(ch, &request);
         }
-        self.on_time(Instant::now());
+        let now = Instant::now();
+        if let Some(w) = &mut self.watcher {
+            w.scan(now);
+        }
+        self.on_time(now);
         Ok(())
     }
 }
