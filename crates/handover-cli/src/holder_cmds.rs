@@ -60,7 +60,7 @@ pub fn put(args: PutArgs) -> Result<()> {
     holder::check_name(&args.name).map_err(|why| anyhow::anyhow!("{why}"))?;
     let mut options = StoreOptions::new().replace(args.replace);
     if let Some(ttl) = &args.ttl {
-        let ttl = duration(ttl).context("--ttl")?;
+        let ttl = crate::run::duration(ttl).context("--ttl")?;
         if ttl.is_zero() {
             bail!("--ttl must be more than 0");
         }
@@ -155,7 +155,7 @@ pub fn get(args: GetArgs) -> Result<()> {
     };
     std::thread::spawn(move || forward(forwarding, target));
     let status = child.wait()?;
-    exit_like(status)
+    crate::run::signals::exit_like(status)
 }
 
 const FORWARDED: [i32; 6] = [
@@ -220,28 +220,6 @@ fn forward(set: SigSet, target: Target) {
             },
         }
     }
-}
-
-/// Exits as the child did: its code, or the same signal.
-fn exit_like(status: std::process::ExitStatus) -> ! {
-    use std::os::unix::process::ExitStatusExt;
-    if let Some(code) = status.code() {
-        std::process::exit(code);
-    }
-    if let Some(sig) = status.signal() {
-        // SAFETY: resetting a disposition, unblocking and raising a signal
-        // at ourselves; if it does not end us, we exit below.
-        unsafe {
-            libc::signal(sig, libc::SIG_DFL);
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, sig);
-            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-            libc::raise(sig);
-        }
-        std::process::exit(128 + sig);
-    }
-    std::process::exit(1)
 }
 
 #[derive(Debug, Args)]
@@ -343,7 +321,7 @@ pub fn wait(args: WaitArgs) -> Result<()> {
     let timeout = args
         .timeout
         .as_deref()
-        .map(duration)
+        .map(crate::run::duration)
         .transpose()
         .context("--timeout")?;
     let mut client = args.socket.connect()?;
@@ -358,29 +336,4 @@ pub fn wait(args: WaitArgs) -> Result<()> {
         }
         Err(e) => Err(e).with_context(|| format!("waiting for {:?}", args.name)),
     }
-}
-
-/// `500ms`, `2s`, `1.5s`, `3m`, `1h`, or a plain number of seconds.
-pub fn duration(text: &str) -> Result<Duration> {
-    let t = text.trim();
-    let (number, unit) = match t.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        Some(at) => t.split_at(at),
-        None => (t, "s"),
-    };
-    let value: f64 = number
-        .parse()
-        .ok()
-        .filter(|v: &f64| v.is_finite() && *v >= 0.0)
-        .with_context(|| format!("{text:?} is not a duration (500ms, 2s, 3m, 1h)"))?;
-    let secs = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" | "min" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => bail!("{text:?}: unknown unit {unit:?} (ms, s, m, h)"),
-    };
-    if secs > 365.0 * 86_400.0 {
-        bail!("{text:?} is too long (at most a year)");
-    }
-    Ok(Duration::from_secs_f64(secs))
 }

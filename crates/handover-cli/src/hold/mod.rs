@@ -107,7 +107,7 @@ impl Shared {
 
 pub fn run(args: HoldArgs) -> Result<()> {
     let own_uid = rustix::process::getuid().as_raw();
-    let timeout = crate::holder_cmds::duration(&args.timeout).context("--timeout")?;
+    let timeout = crate::run::duration(&args.timeout).context("--timeout")?;
     if timeout.is_zero() {
         bail!("--timeout must be more than 0");
     }
