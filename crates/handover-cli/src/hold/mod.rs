@@ -362,7 +362,7 @@ fn admit(shared: &Arc<Shared>, fd: OwnedFd, tasks: &mut JoinSet<()>, max_clients
                 "the holder already serves {max_clients} clients, its limit (--max-clients); try again later"
             ),
         };
-        let _ = ch.send_timeout(&encode_reply(&reply), &[], Duration::from_millis(10));
+        refuse(ch, encode_reply(&reply));
         return;
     }
     match AsyncChannel::try_from(ch) {
@@ -371,6 +371,30 @@ fn admit(shared: &Arc<Shared>, fd: OwnedFd, tasks: &mut JoinSet<()>, max_clients
         }
         Err(e) => tracing::warn!("cannot serve a client: {e}"),
     }
+}
+
+/// Refused clients being answered at once; more are closed unanswered.
+const MAX_REFUSING: usize = 64;
+
+/// Answers a refused client without serving it: its request is read
+/// first (for at most 200 ms), because closing a Unix socket with unread
+/// data makes the peer's next read fail with ECONNRESET before it can see
+/// the answer already queued for it.
+fn refuse(ch: Channel, reply: Vec<u8>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static REFUSING: AtomicUsize = AtomicUsize::new(0);
+    let Ok(ch) = AsyncChannel::try_from(ch) else {
+        return;
+    };
+    if REFUSING.fetch_add(1, Ordering::SeqCst) >= MAX_REFUSING {
+        REFUSING.fetch_sub(1, Ordering::SeqCst);
+        return;
+    }
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_millis(200), ch.recv()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(200), ch.send(&reply, &[])).await;
+        REFUSING.fetch_sub(1, Ordering::SeqCst);
+    });
 }
 
 /// Serves one client: its requests one at a time, until it leaves, says
