@@ -58,7 +58,8 @@ pub struct Lifecycle {
 }
 
 impl Lifecycle {
-    /// The supervisor's options; `watch` is Unix-only (inotify).
+    /// The supervisor's options, with the `--watch` paths (inotify on
+    /// Linux, polled on Windows).
     pub fn options(&self, watch: Vec<PathBuf>) -> Result<supervise::Options> {
         let args = self;
         use supervise::{Ready, Restart};
