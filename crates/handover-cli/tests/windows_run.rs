@@ -539,3 +539,33 @@ fn a_change_under_a_watched_directory_reloads() {
     end(handover);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--restart on-failure`: a generation that dies is started again on the
+/// same socket; `handover status` counts the restart.
+#[test]
+fn a_crashed_generation_is_restarted_on_the_same_socket() {
+    let ctl = control_name("restart");
+    let (handover, addr) = start_under_handover(
+        &[
+            "--ready",
+            "notify",
+            "--restart",
+            "on-failure",
+            "--control",
+            &ctl,
+        ],
+        &example("http_demo"),
+    );
+    assert_eq!(wait_until("generation 1", || try_get(&addr).ok()), 1);
+    let first = status(&ctl)["generations"][0]["pid"].as_u64().unwrap() as u32;
+    terminate(first);
+    assert_eq!(
+        wait_until("generation 2 to serve", || try_get(&addr)
+            .ok()
+            .filter(|&g| g == 2)),
+        2
+    );
+    let s = status(&ctl);
+    assert_eq!(s["restarts"], 1, "{s}");
+    end(handover);
+}
