@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::protocol::{decode_reply, encode_request, Reply, Request};
-use super::{checked, done, socket_path, unexpected, Entry, Error, ErrorCode, Result};
-use super::{StoreOptions, ATTEMPTS};
+use super::protocol::{encode_request, Reply, Request};
+use super::{checked, done, socket_path, unexpected, Entry, Error, Result};
+use super::{gave_up, judge, Attempt, StoreOptions, ATTEMPTS};
 use crate::tokio::AsyncChannel;
 use crate::Handle;
 
@@ -200,49 +200,15 @@ impl AsyncClient {
                     }),
                 },
             };
-            let mut msg = match answer {
-                Ok(Some(msg)) => msg,
-                Ok(None) => {
-                    last = Some("the holder closed the connection".to_owned());
-                    continue;
-                }
-                Err(crate::Error::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::ConnectionReset =>
-                {
-                    last = Some("the holder reset the connection".to_owned());
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let reply = decode_reply(&msg.bytes).map_err(|e| Error::Protocol(e.0))?;
-            match reply {
-                Reply::Failed {
-                    code: ErrorCode::Closing,
-                    message,
-                } => {
-                    last = Some(message);
-                    continue;
-                }
-                Reply::Failed { code, message } => {
+            match judge(answer) {
+                Attempt::Again(why) => last = Some(why),
+                Attempt::Answered(result) => {
                     self.channel = Some(ch);
-                    return Err(Error::Refused { code, message });
+                    return result;
                 }
-                reply => {
-                    self.channel = Some(ch);
-                    return Ok((reply, std::mem::take(&mut msg.handles)));
-                }
+                Attempt::Broken(e) => return Err(e),
             }
         }
-        Err(crate::Error::Io {
-            op: "holder request",
-            source: std::io::Error::new(
-                std::io::ErrorKind::ConnectionAborted,
-                format!(
-                    "{} (tried {ATTEMPTS} times)",
-                    last.unwrap_or_else(|| "no answer".into())
-                ),
-            ),
-        }
-        .into())
+        Err(gave_up(last))
     }
 }

@@ -46,6 +46,57 @@ pub const ENV_SOCKET: &str = "HANDOVER_HOLDER";
 /// connection without carrying it out (at a takeover, say).
 const ATTEMPTS: usize = 5;
 
+/// What one attempt of a request came to, for both clients.
+pub(crate) enum Attempt {
+    /// Not carried out (the holder closed, reset, or answered `closing`):
+    /// send it again on a new connection; the reason, for the last error.
+    Again(String),
+    /// An answer (or a refusal) on a connection that stays usable.
+    Answered(Result<(Reply, Vec<Handle>)>),
+    /// The connection is broken: give up, and drop it.
+    Broken(Error),
+}
+
+/// Judges what came back for a request.
+pub(crate) fn judge(answer: crate::Result<Option<crate::Message>>) -> Attempt {
+    let mut msg = match answer {
+        Ok(Some(msg)) => msg,
+        Ok(None) => return Attempt::Again("the holder closed the connection".into()),
+        Err(crate::Error::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::ConnectionReset =>
+        {
+            return Attempt::Again("the holder reset the connection".into())
+        }
+        Err(e) => return Attempt::Broken(e.into()),
+    };
+    match decode_reply(&msg.bytes) {
+        Err(e) => Attempt::Broken(Error::Protocol(e.0)),
+        Ok(Reply::Failed {
+            code: ErrorCode::Closing,
+            message,
+        }) => Attempt::Again(message),
+        Ok(Reply::Failed { code, message }) => {
+            Attempt::Answered(Err(Error::Refused { code, message }))
+        }
+        Ok(reply) => Attempt::Answered(Ok((reply, std::mem::take(&mut msg.handles)))),
+    }
+}
+
+/// The error once every attempt was sent back.
+pub(crate) fn gave_up(last: Option<String>) -> Error {
+    crate::Error::Io {
+        op: "holder request",
+        source: std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            format!(
+                "{} (tried {ATTEMPTS} times)",
+                last.unwrap_or_else(|| "no answer".into())
+            ),
+        ),
+    }
+    .into()
+}
+
 /// What can go wrong talking to the holder.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -290,50 +341,16 @@ impl Client {
                 Some(None) => ch.recv(),
                 Some(Some(t)) => ch.recv_timeout(t.saturating_add(self.timeout)),
             };
-            let mut msg = match answer {
-                Ok(Some(msg)) => msg,
-                Ok(None) => {
-                    last = Some("the holder closed the connection".to_owned());
-                    continue;
-                }
-                Err(crate::Error::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::ConnectionReset =>
-                {
-                    last = Some("the holder reset the connection".to_owned());
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let reply = decode_reply(&msg.bytes).map_err(|e| Error::Protocol(e.0))?;
-            match reply {
-                Reply::Failed {
-                    code: ErrorCode::Closing,
-                    message,
-                } => {
-                    last = Some(message);
-                    continue;
-                }
-                Reply::Failed { code, message } => {
+            match judge(answer) {
+                Attempt::Again(why) => last = Some(why),
+                Attempt::Answered(result) => {
                     self.channel = Some(ch);
-                    return Err(Error::Refused { code, message });
+                    return result;
                 }
-                reply => {
-                    self.channel = Some(ch);
-                    return Ok((reply, std::mem::take(&mut msg.handles)));
-                }
+                Attempt::Broken(e) => return Err(e),
             }
         }
-        Err(crate::Error::Io {
-            op: "holder request",
-            source: std::io::Error::new(
-                std::io::ErrorKind::ConnectionAborted,
-                format!(
-                    "{} (tried {ATTEMPTS} times)",
-                    last.unwrap_or_else(|| "no answer".into())
-                ),
-            ),
-        }
-        .into())
+        Err(gave_up(last))
     }
 }
 
