@@ -121,6 +121,11 @@ pub enum Error {
     #[error("bad socket-activation environment: {0}")]
     Activation(String),
 
+    /// A dispatcher or worker broke the dispatch protocol
+    /// (docs/protocol.md §18); the message's handles were closed.
+    #[error("dispatch protocol: {0}")]
+    Dispatch(String),
+
     /// A bad argument, such as a name that is not a valid address.
     #[error("invalid {what}: {why}")]
     InvalidInput { what: &'static str, why: String },

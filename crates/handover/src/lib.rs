@@ -27,6 +27,7 @@ mod assemble;
 #[cfg(windows)]
 mod bootstrap;
 mod channel;
+pub mod dispatch;
 mod error;
 mod handle;
 #[cfg(unix)]

@@ -1,0 +1,192 @@
+//! The worker's side of dispatch for tokio programs: the same protocol as
+//! [`super::Incoming`], on an [`AsyncChannel`].
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use ::tokio::net::{TcpStream, UnixStream};
+
+use super::protocol::{Delivery, Report, VERSION};
+use super::{open_delivery, Stream};
+use crate::tokio::AsyncChannel;
+use crate::{Channel, Error, Result};
+
+/// [`super::incoming`] for tokio: takes the dispatcher's channel from the
+/// activation handles. Must be called within a tokio runtime.
+pub fn incoming_async() -> Result<AsyncIncoming> {
+    let mut activation = crate::activation::take()?;
+    let std = super::incoming_from(&mut activation)?;
+    let channel = Arc::try_unwrap(std.channel).map_err(|_| {
+        Error::Dispatch("the dispatch channel is shared and cannot become async".into())
+    })?;
+    AsyncIncoming::new(channel)
+}
+
+/// The connections a dispatcher hands this worker, for async code. Call
+/// [`AsyncIncoming::next`] in a loop.
+#[derive(Debug)]
+pub struct AsyncIncoming {
+    channel: Arc<AsyncChannel>,
+    ready_sent: bool,
+}
+
+impl AsyncIncoming {
+    /// Connections arriving on `channel`. Must be called within a tokio
+    /// runtime.
+    pub fn new(channel: Channel) -> Result<AsyncIncoming> {
+        Ok(AsyncIncoming {
+            channel: Arc::new(AsyncChannel::try_from(channel)?),
+            ready_sent: false,
+        })
+    }
+
+    /// The next connection, acknowledged; `None` once the dispatcher has
+    /// closed the channel. See [`super::Incoming::accept`].
+    pub async fn next(&mut self) -> Option<Result<AsyncConnection>> {
+        self.accept().await.transpose()
+    }
+
+    async fn accept(&mut self) -> Result<Option<AsyncConnection>> {
+        if !self.ready_sent {
+            let ready = Report::Ready { version: VERSION };
+            self.channel.send(&ready.encode(), &[]).await?;
+            self.ready_sent = true;
+        }
+        let Some(message) = self.channel.recv().await? else {
+            return Ok(None);
+        };
+        let (delivery, stream) = open_delivery(message)?;
+        self.channel
+            .send(&Report::Ack(delivery.id).encode(), &[])
+            .await?;
+        let stream = match stream {
+            Stream::Tcp(s) => {
+                s.set_nonblocking(true).map_err(io_error)?;
+                AsyncStream::Tcp(TcpStream::from_std(s).map_err(io_error)?)
+            }
+            Stream::Unix(s) => {
+                s.set_nonblocking(true).map_err(io_error)?;
+                AsyncStream::Unix(UnixStream::from_std(s).map_err(io_error)?)
+            }
+        };
+        Ok(Some(AsyncConnection {
+            stream,
+            peer: delivery.peer.parse().ok(),
+            done: AsyncDone {
+                channel: Arc::clone(&self.channel),
+                id: delivery.id,
+            },
+            delivery,
+        }))
+    }
+}
+
+fn io_error(source: io::Error) -> Error {
+    Error::Io {
+        op: "registering a dispatched connection with tokio",
+        source,
+    }
+}
+
+/// A connection's socket, registered with tokio.
+#[derive(Debug)]
+pub enum AsyncStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// Tells the dispatcher, when dropped, that the worker is finished with a
+/// connection (sent from a task on the current runtime).
+#[derive(Debug)]
+pub struct AsyncDone {
+    channel: Arc<AsyncChannel>,
+    id: u64,
+}
+
+impl Drop for AsyncDone {
+    fn drop(&mut self) {
+        let Ok(runtime) = ::tokio::runtime::Handle::try_current() else {
+            return; // dropped outside the runtime: nobody left to send it
+        };
+        let channel = Arc::clone(&self.channel);
+        let report = Report::Done(self.id).encode();
+        runtime.spawn(async move {
+            let _ = channel.send(&report, &[]).await;
+        });
+    }
+}
+
+/// One connection for async code; see [`super::Connection`].
+#[derive(Debug)]
+pub struct AsyncConnection {
+    stream: AsyncStream,
+    delivery: Delivery,
+    peer: Option<std::net::SocketAddr>,
+    done: AsyncDone,
+}
+
+impl AsyncConnection {
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.peer
+    }
+
+    pub fn listener(&self) -> &str {
+        &self.delivery.listener
+    }
+
+    pub fn peeked(&self) -> &[u8] {
+        &self.delivery.peeked
+    }
+
+    pub fn id(&self) -> u64 {
+        self.delivery.id
+    }
+
+    /// The socket, and what to drop once finished with it.
+    pub fn into_parts(self) -> (AsyncStream, AsyncDone) {
+        (self.stream, self.done)
+    }
+}
+
+impl AsyncRead for AsyncConnection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().stream {
+            AsyncStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            AsyncStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for AsyncConnection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().stream {
+            AsyncStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            AsyncStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().stream {
+            AsyncStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            AsyncStream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().stream {
+            AsyncStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            AsyncStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Connection dispatch, the worker's side: take the connections a
+//! dispatcher (`handover run --workers N`) accepted and handed over.
+//!
+//! ```no_run
+//! use std::io::{Read, Write};
+//! for conn in handover::dispatch::incoming()? {
+//!     let mut conn = conn?;
+//!     let mut request = [0u8; 1024];
+//!     let n = conn.read(&mut request)?;
+//!     conn.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")?;
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! A worker is started with one channel end in its activation handles,
+//! named [`CHANNEL_NAME`]. Each connection arrives on it as one message
+//! with its metadata (docs/protocol.md §18). No byte is proxied: the
+//! worker owns the client's socket and talks to the client directly.
+//!
+//! Delivery is acknowledged: [`Incoming`] acknowledges a connection before
+//! it gives it to you, and until then the dispatcher keeps its own copy, so
+//! a worker that dies first loses nothing — its connections go to another
+//! worker. When the connection is dropped (or [`Connection::into_parts`]'s
+//! [`Done`] is), the dispatcher is told it is finished, which is what
+//! least-busy dispatch counts. The iteration ends when the dispatcher
+//! closes the channel: the worker is being drained and should finish the
+//! connections it has and exit.
+
+#[cfg(all(feature = "tokio", unix))]
+mod async_incoming;
+pub mod peek;
+pub mod protocol;
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+#[cfg(unix)]
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+#[cfg(all(feature = "tokio", unix))]
+pub use async_incoming::{incoming_async, AsyncConnection, AsyncDone, AsyncIncoming, AsyncStream};
+use protocol::{Delivery, Report};
+
+use crate::activation::Activation;
+use crate::{Channel, Error, HandleKind, Message, Result, SocketFamily};
+
+/// The activation name of the worker's channel to its dispatcher
+/// (LISTEN_FDNAMES).
+pub const CHANNEL_NAME: &str = "handover-dispatch";
+
+/// Takes the dispatcher's channel from the activation handles
+/// ([`crate::activation::take`]) and returns the connections arriving on
+/// it. Use [`incoming_from`] if the program takes other activation
+/// handles too.
+pub fn incoming() -> Result<Incoming> {
+    let mut activation = crate::activation::take()?;
+    incoming_from(&mut activation)
+}
+
+/// Like [`incoming`], taking the channel out of activation handles already
+/// taken.
+pub fn incoming_from(activation: &mut Activation) -> Result<Incoming> {
+    let handle = activation.take_named(CHANNEL_NAME).ok_or_else(|| {
+        Error::Activation(format!(
+            "no {CHANNEL_NAME:?} handle among the activation handles ({}): is this program \
+             started by `handover run --workers`?",
+            if activation.is_empty() {
+                "there are none".to_owned()
+            } else {
+                activation.names().join(", ")
+            }
+        ))
+    })?;
+    Ok(Incoming::new(handle.into_channel()?))
+}
+
+/// The connections a dispatcher hands this worker. An iterator; each item
+/// is a connection already acknowledged.
+#[derive(Debug)]
+pub struct Incoming {
+    channel: Arc<Channel>,
+    ready_sent: bool,
+}
+
+impl Incoming {
+    /// Connections arriving on `channel`, the worker's end of a dispatch
+    /// channel.
+    pub fn new(channel: Channel) -> Incoming {
+        Incoming {
+            channel: Arc::new(channel),
+            ready_sent: false,
+        }
+    }
+
+    /// Waits for the next connection. `Ok(None)` once the dispatcher has
+    /// closed the channel: no more will come.
+    ///
+    /// A message that breaks the protocol is an error, with its handle
+    /// closed; the next call goes on with the next message.
+    pub fn accept(&mut self) -> Result<Option<Connection>> {
+        if !self.ready_sent {
+            let ready = Report::Ready {
+                version: protocol::VERSION,
+            };
+            self.channel.send(&ready.encode(), &[])?;
+            self.ready_sent = true;
+        }
+        let Some(message) = self.channel.recv()? else {
+            return Ok(None);
+        };
+        let (delivery, stream) = open_delivery(message)?;
+        // Taken: from here on the connection is ours alone. Should the
+        // acknowledgement not get through, the dispatcher counts this
+        // worker as gone and hands the connection to another, so it must
+        // not be served here too.
+        self.channel.send(&Report::Ack(delivery.id).encode(), &[])?;
+        Ok(Some(Connection {
+            stream,
+            peer: delivery.peer.parse().ok(),
+            done: Done {
+                channel: Arc::clone(&self.channel),
+                id: delivery.id,
+            },
+            delivery,
+        }))
+    }
+}
+
+impl Iterator for Incoming {
+    type Item = Result<Connection>;
+
+    fn next(&mut self) -> Option<Result<Connection>> {
+        self.accept().transpose()
+    }
+}
+
+/// Checks one delivery message: its header, and one handle that is a
+/// connected stream socket. Anything else is refused, its handles closed.
+pub(crate) fn open_delivery(mut message: Message) -> Result<(Delivery, Stream)> {
+    let delivery = Delivery::decode(&message.bytes).map_err(|e| Error::Dispatch(e.0))?;
+    if message.handles.len() != 1 {
+        return Err(Error::Dispatch(format!(
+            "connection {} came with {} handles instead of one",
+            delivery.id,
+            message.handles.len()
+        )));
+    }
+    let handle = message.handles.remove(0);
+    let stream = match handle.kind() {
+        #[cfg(unix)]
+        HandleKind::Socket(info) if info.family == SocketFamily::Unix => {
+            use crate::unix::HandleExt;
+            Stream::Unix(handle.into_unix_stream()?)
+        }
+        _ => Stream::Tcp(handle.into_tcp_stream()?),
+    };
+    Ok((delivery, stream))
+}
+
+/// A connection's socket: TCP, or a Unix stream socket when the listener
+/// was one.
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    #[cfg(unix)]
+    Unix(UnixStream),
+}
+
+/// Tells the dispatcher, when dropped, that the worker is finished with a
+/// connection.
+#[derive(Debug)]
+pub struct Done {
+    channel: Arc<Channel>,
+    id: u64,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        // The dispatcher may be gone (draining, or handover stopped): the
+        // report then has nobody to count it.
+        let _ = self.channel.send(&Report::Done(self.id).encode(), &[]);
+    }
+}
+
+/// One connection, acknowledged: the client's socket and what the
+/// dispatcher knew about it. Reading and writing go straight to the
+/// socket.
+#[derive(Debug)]
+pub struct Connection {
+    stream: Stream,
+    delivery: Delivery,
+    peer: Option<SocketAddr>,
+    done: Done,
+}
+
+impl Connection {
+    /// The client's address (TCP), as the dispatcher accepted it.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    /// The activation name of the listening socket it arrived on.
+    pub fn listener(&self) -> &str {
+        &self.delivery.listener
+    }
+
+    /// The bytes the dispatcher peeked to route it (empty when it did not
+    /// route). They have not been consumed: reading starts at byte 0.
+    pub fn peeked(&self) -> &[u8] {
+        &self.delivery.peeked
+    }
+
+    /// The dispatcher's number for this connection.
+    pub fn id(&self) -> u64 {
+        self.delivery.id
+    }
+
+    /// The socket, borrowed.
+    pub fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
+    /// The socket, and the [`Done`] to drop once finished with it (for
+    /// least-busy dispatch to count this worker's connections right).
+    pub fn into_parts(self) -> (Stream, Done) {
+        (self.stream, self.done)
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.stream {
+            Stream::Tcp(s) => s.read(buf),
+            #[cfg(unix)]
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.stream {
+            Stream::Tcp(s) => s.write(buf),
+            #[cfg(unix)]
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,229 @@
+//! The dispatch protocol's messages (docs/protocol.md §18), encoded and
+//! decoded by pure code that never panics. Both ends use it: the worker
+//! library in this crate and the dispatcher in `handover run --workers`.
+//!
+//! Every message is one channel message. Its bytes are a JSON object on
+//! one line, ended by `\n`; a connection message is followed by the bytes
+//! the dispatcher peeked, raw, exactly as many as its `peeked` field says,
+//! and carries the connection as its one handle.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version a worker announces in `ready`.
+pub const VERSION: u32 = 1;
+
+/// The most bytes a dispatcher may pass as peeked: a worker refuses more.
+pub const MAX_PEEKED: usize = 64 * 1024;
+
+/// What the dispatcher sends a worker: one connection, with what is known
+/// about it. The connection itself is the message's handle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// Unique per dispatcher and worker channel; what `ack` and `done` name.
+    pub id: u64,
+    /// The activation name of the listening socket it arrived on.
+    pub listener: String,
+    /// The client's address as text (`IP:PORT`, `[IPv6]:PORT`), or empty
+    /// for a Unix socket peer without a name.
+    pub peer: String,
+    /// The bytes the dispatcher peeked (routing by SNI or Host). They are
+    /// still unread on the connection: the worker reads from byte 0.
+    #[serde(skip)]
+    pub peeked: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DeliveryHeader<'a> {
+    t: &'a str,
+    id: u64,
+    listener: &'a str,
+    peer: &'a str,
+    peeked: usize,
+}
+
+/// What a worker sends its dispatcher.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Report {
+    /// The worker is ready to take connections (sent once, when it first
+    /// asks for one), with the protocol version it speaks.
+    Ready { version: u32 },
+    /// The worker has taken connection `id`: from now on it is the
+    /// worker's, and the dispatcher will not hand it to another.
+    Ack(u64),
+    /// The worker is finished with connection `id` (closed or handed on);
+    /// least-busy dispatch counts the worker's open connections by this.
+    Done(u64),
+}
+
+#[derive(Serialize, Deserialize)]
+struct ReportWire {
+    t: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<u32>,
+}
+
+/// Why a message could not be decoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("dispatch protocol: {0}")]
+pub struct ProtocolError(pub String);
+
+fn bad(why: impl Into<String>) -> ProtocolError {
+    ProtocolError(why.into())
+}
+
+/// Splits a message into its JSON line and what follows.
+fn split_line(bytes: &[u8]) -> Result<(&[u8], &[u8]), ProtocolError> {
+    let end = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| bad("no end of line after the JSON header"))?;
+    Ok((&bytes[..end], &bytes[end + 1..]))
+}
+
+impl Delivery {
+    /// The message bytes (the connection goes as its handle).
+    pub fn encode(&self) -> Vec<u8> {
+        let header = DeliveryHeader {
+            t: "conn",
+            id: self.id,
+            listener: &self.listener,
+            peer: &self.peer,
+            peeked: self.peeked.len(),
+        };
+        let mut out = serde_json::to_vec(&header).unwrap_or_default();
+        out.push(b'\n');
+        out.extend_from_slice(&self.peeked);
+        out
+    }
+
+    /// Reads a connection message's bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Delivery, ProtocolError> {
+        let (line, rest) = split_line(bytes)?;
+        let h: DeliveryHeader =
+            serde_json::from_slice(line).map_err(|e| bad(format!("bad header: {e}")))?;
+        if h.t != "conn" {
+            return Err(bad(format!("unknown message type {:?}", h.t)));
+        }
+        if h.peeked > MAX_PEEKED {
+            return Err(bad(format!(
+                "{} peeked bytes announced; at most {MAX_PEEKED} are allowed",
+                h.peeked
+            )));
+        }
+        if rest.len() != h.peeked {
+            return Err(bad(format!(
+                "{} peeked bytes announced but {} follow the header",
+                h.peeked,
+                rest.len()
+            )));
+        }
+        Ok(Delivery {
+            id: h.id,
+            listener: h.listener.to_owned(),
+            peer: h.peer.to_owned(),
+            peeked: rest.to_vec(),
+        })
+    }
+}
+
+impl Report {
+    pub fn encode(&self) -> Vec<u8> {
+        let wire = match *self {
+            Report::Ready { version } => ReportWire {
+                t: "ready".into(),
+                id: None,
+                version: Some(version),
+            },
+            Report::Ack(id) => ReportWire {
+                t: "ack".into(),
+                id: Some(id),
+                version: None,
+            },
+            Report::Done(id) => ReportWire {
+                t: "done".into(),
+                id: Some(id),
+                version: None,
+            },
+        };
+        let mut out = serde_json::to_vec(&wire).unwrap_or_default();
+        out.push(b'\n');
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Report, ProtocolError> {
+        let (line, rest) = split_line(bytes)?;
+        if !rest.is_empty() {
+            return Err(bad("bytes after the JSON line"));
+        }
+        let w: ReportWire =
+            serde_json::from_slice(line).map_err(|e| bad(format!("bad report: {e}")))?;
+        let id = || w.id.ok_or_else(|| bad(format!("{:?} without an id", w.t)));
+        match w.t.as_str() {
+            "ready" => Ok(Report::Ready {
+                version: w.version.ok_or_else(|| bad("ready without a version"))?,
+            }),
+            "ack" => Ok(Report::Ack(id()?)),
+            "done" => Ok(Report::Done(id()?)),
+            other => Err(bad(format!("unknown report type {other:?}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_round_trip_keeps_peeked_bytes_raw() {
+        let d = Delivery {
+            id: 7,
+            listener: "https".into(),
+            peer: "[::1]:5000".into(),
+            peeked: vec![0x16, 0x03, 0x01, b'\n', 0, 255],
+        };
+        let bytes = d.encode();
+        assert!(bytes.starts_with(b"{\"t\":\"conn\",\"id\":7,"));
+        assert_eq!(Delivery::decode(&bytes).unwrap(), d);
+    }
+
+    #[test]
+    fn delivery_rejects_wrong_lengths_and_types() {
+        let ok = br#"{"t":"conn","id":1,"listener":"a","peer":"","peeked":2}"#;
+        let mut m = ok.to_vec();
+        m.extend_from_slice(b"\nab");
+        assert!(Delivery::decode(&m).is_ok());
+        m.push(b'c');
+        assert!(Delivery::decode(&m).is_err(), "too many peeked bytes");
+        m.truncate(m.len() - 2);
+        assert!(Delivery::decode(&m).is_err(), "too few peeked bytes");
+        assert!(Delivery::decode(ok).is_err(), "no end of line");
+        assert!(Delivery::decode(b"{\"t\":\"ack\",\"id\":1}\n").is_err());
+        let huge = format!(
+            "{{\"t\":\"conn\",\"id\":1,\"listener\":\"a\",\"peer\":\"\",\"peeked\":{}}}\n",
+            MAX_PEEKED + 1
+        );
+        assert!(Delivery::decode(huge.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn reports_round_trip_and_garbage_is_an_error() {
+        for r in [Report::Ready { version: 1 }, Report::Ack(3), Report::Done(u64::MAX)] {
+            assert_eq!(Report::decode(&r.encode()).unwrap(), r);
+        }
+        for junk in [
+            &b""[..],
+            b"\n",
+            b"{}\n",
+            b"{\"t\":\"ack\"}\n",
+            b"{\"t\":\"ready\"}\n",
+            b"{\"t\":\"nope\",\"id\":1}\n",
+            b"{\"t\":\"ack\",\"id\":-1}\n",
+            b"{\"t\":\"ack\",\"id\":1}\nextra",
+            b"\xff\xfe\n",
+        ] {
+            assert!(Report::decode(junk).is_err(), "{junk:?}");
+        }
+    }
+}
