@@ -4,6 +4,8 @@ mod demo;
 #[cfg(unix)]
 mod demo_reload;
 #[cfg(unix)]
+mod dispatch;
+#[cfg(unix)]
 mod hold;
 #[cfg(unix)]
 mod holder_cmds;
@@ -47,6 +49,11 @@ enum Command {
     /// Bind sockets and run PROGRAM on them by the socket-activation
     /// protocol (LISTEN_FDS), staying as its supervisor.
     Run(Box<run::RunArgs>),
+    /// Accept connections on the activation sockets (LISTEN_FDS) and hand
+    /// each one to one of N worker processes over a channel; no byte is
+    /// proxied. `handover run --workers N` runs it for you.
+    #[cfg(unix)]
+    Dispatch(Box<dispatch::DispatchArgs>),
     /// Reload the program under a running `handover run`: start a new
     /// generation on the same sockets, and once it is ready stop the old
     /// one. Prints the new pid; exits 1 with the reason if it was rolled
@@ -136,6 +143,8 @@ fn real_main() -> Result<()> {
         }
         Command::DemoServer { channel } => demo::serve(&channel),
         Command::Run(args) => run::run(*args),
+        #[cfg(unix)]
+        Command::Dispatch(args) => dispatch::run(*args),
         Command::Reload { control, timeout } => status::reload(control.as_deref(), &timeout),
         Command::Status { control, json } => status::status(control.as_deref(), json),
         #[cfg(unix)]

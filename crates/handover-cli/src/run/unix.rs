@@ -63,6 +63,22 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
 
+    /// Dispatch: handover accepts and hands each connection to one of N
+    /// worker processes running PROGRAM, which take them with
+    /// `handover::dispatch::incoming()` (docs/protocol.md §18). Reloads
+    /// start N new workers and switch once all are ready.
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+
+    /// With --workers: which worker gets the next connection.
+    #[arg(long, value_enum, requires = "workers")]
+    dispatch: Option<crate::dispatch::Policy>,
+
+    /// With --workers: route connections to named pools by TLS SNI or HTTP
+    /// Host (a TOML file, docs/protocol.md §18).
+    #[arg(long, value_name = "FILE", requires = "workers")]
+    routes: Option<PathBuf>,
+
     #[command(flatten)]
     lifecycle: lifecycle::Lifecycle,
 
@@ -110,14 +126,33 @@ pub fn run(args: RunArgs) -> Result<()> {
     let path = Command::new(&args.command[0])
         .resolved_program()
         .with_context(|| format!("cannot run {:?}", args.command[0].to_string_lossy()))?;
-    let program = Program {
-        argv: args.command.clone(),
-        path,
-        identity,
+    let accept_mode = args.accept || args.inetd;
+    let (program, ready_from_dispatcher) = match args.workers {
+        Some(n) => {
+            if accept_mode {
+                bail!("--workers cannot be combined with --accept or --inetd");
+            }
+            (dispatch_program(&args, n, identity)?, true)
+        }
+        None => {
+            let argv = args.command.clone();
+            (
+                Program {
+                    argv,
+                    path,
+                    identity,
+                },
+                false,
+            )
+        }
     };
 
-    let options_for_restarts = args.lifecycle.options(args.watch.clone())?;
-    let accept_mode = args.accept || args.inetd;
+    let mut options_for_restarts = args.lifecycle.options(args.watch.clone())?;
+    if ready_from_dispatcher {
+        // The dispatcher says READY=1 once every worker asked for its
+        // first connection: that is what a reload switches on.
+        options_for_restarts.ready = supervise::Ready::Notify;
+    }
     if accept_mode {
         if !inherited.is_empty() {
             bail!("--fd cannot be combined with --accept or --inetd");
@@ -153,6 +188,45 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     handles.extend(inherited);
     supervise::run(&program, handles, bound, options_for_restarts)
+}
+
+/// With --workers, each generation's program is `handover dispatch`,
+/// which starts the workers and hands them the connections.
+fn dispatch_program(
+    args: &RunArgs,
+    workers: usize,
+    identity: Option<users::Identity>,
+) -> Result<Program> {
+    if !(1..=1024).contains(&workers) {
+        bail!("--workers must be 1 to 1024");
+    }
+    let me = std::env::current_exe().context("finding the handover binary")?;
+    let mut argv: Vec<OsString> = vec![
+        me.clone().into(),
+        "dispatch".into(),
+        "--workers".into(),
+        workers.to_string().into(),
+    ];
+    if let Some(policy) = args.dispatch {
+        use clap::ValueEnum;
+        if let Some(v) = policy.to_possible_value() {
+            argv.extend(["--policy".into(), v.get_name().into()]);
+        }
+    }
+    if let Some(routes) = &args.routes {
+        // Checked now, so a bad file fails before anything is bound; the
+        // dispatcher reads it again at each reload.
+        crate::dispatch::check_routes(routes)?;
+        let abs = std::path::absolute(routes).context("--routes")?;
+        argv.extend(["--routes".into(), abs.into()]);
+    }
+    argv.push("--".into());
+    argv.extend(args.command.iter().cloned());
+    Ok(Program {
+        argv,
+        path: me,
+        identity,
+    })
 }
 
 fn socket_owner(spec: &str) -> Result<(Option<u32>, Option<u32>)> {

@@ -209,7 +209,11 @@ mod tests {
 
     #[test]
     fn reports_round_trip_and_garbage_is_an_error() {
-        for r in [Report::Ready { version: 1 }, Report::Ack(3), Report::Done(u64::MAX)] {
+        for r in [
+            Report::Ready { version: 1 },
+            Report::Ack(3),
+            Report::Done(u64::MAX),
+        ] {
             assert_eq!(Report::decode(&r.encode()).unwrap(), r);
         }
         for junk in [

@@ -1,0 +1,134 @@
+//! A dispatch worker: an HTTP/1.1 server that takes its connections from
+//! `handover::dispatch::incoming()` instead of a listening socket, so it
+//! runs under `handover run --workers N` (or `handover dispatch`).
+//!
+//! ```text
+//! handover run -l 127.0.0.1:8080 --workers 4 -- target/debug/examples/dispatch_worker
+//! curl http://127.0.0.1:8080/
+//! ```
+//!
+//! Each request is answered with `pool P worker W pid N generation G
+//! listener L peeked K`, so a test can tell who served it. One thread per
+//! connection; requests on a connection are served until the client
+//! closes it. When the dispatcher ends the channel (a reload or a stop),
+//! it finishes the connections it has and exits 0.
+//!
+//! Flags: `--body-bytes N` answers with N bytes of body instead (for the
+//! benchmark's large responses); `--stall-after N` stops taking
+//! connections after N of them (but keeps the channel open), as a worker
+//! that hangs would — a test then kills it and checks nothing is lost;
+//! `--delay-ready SECS` waits before asking for the first connection.
+
+use std::io::{BufRead, BufReader, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use handover::dispatch::Connection;
+
+fn main() {
+    let mut body_bytes: Option<usize> = None;
+    let mut stall_after: Option<usize> = None;
+    let mut delay_ready = 0.0f64;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut number = || args.next().and_then(|v| v.parse::<f64>().ok());
+        match arg.as_str() {
+            "--body-bytes" => body_bytes = number().map(|n| n as usize),
+            "--stall-after" => stall_after = number().map(|n| n as usize),
+            "--delay-ready" => delay_ready = number().unwrap_or(0.0),
+            other => fail(&format!("unknown argument {other:?}")),
+        }
+    }
+    let incoming = match handover::dispatch::incoming() {
+        Ok(i) => i,
+        Err(e) => fail(&e.to_string()),
+    };
+    std::thread::sleep(Duration::from_secs_f64(delay_ready));
+    let who = Arc::new(format!(
+        "pool {} worker {} pid {} generation {}",
+        std::env::var("HANDOVER_POOL").unwrap_or_default(),
+        std::env::var("HANDOVER_WORKER").unwrap_or_default(),
+        std::process::id(),
+        std::env::var("HANDOVER_GENERATION").unwrap_or_else(|_| "0".into()),
+    ));
+    let body = Arc::new(body_bytes.map(|n| vec![b'x'; n]));
+    let served = Arc::new(AtomicUsize::new(0));
+    let mut threads = Vec::new();
+    for (taken, conn) in incoming.enumerate() {
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("dispatch_worker: {e}");
+                continue;
+            }
+        };
+        let (who, body, served) = (Arc::clone(&who), Arc::clone(&body), Arc::clone(&served));
+        threads.push(std::thread::spawn(move || {
+            serve(conn, &who, body.as_deref(), &served)
+        }));
+        threads.retain(|t| !t.is_finished());
+        if stall_after.is_some_and(|n| taken + 1 >= n) {
+            eprintln!("dispatch_worker: stalling after {} connections", taken + 1);
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }
+    // The dispatcher ended the channel: finish what we have, then exit.
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+fn serve(conn: Connection, who: &str, body: Option<&[u8]>, served: &AtomicUsize) {
+    let label = format!(
+        "{who} listener {} peeked {}\n",
+        conn.listener(),
+        conn.peeked().len()
+    );
+    let mut reader = BufReader::new(conn);
+    loop {
+        // The request head; the body of a request is not expected.
+        let mut line = String::new();
+        let mut close = false;
+        let mut first = true;
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let l = line.trim_end().to_ascii_lowercase();
+            if first && l.ends_with("http/1.0") {
+                close = true;
+            }
+            first = false;
+            if l == "connection: close" {
+                close = true;
+            }
+            if l.is_empty() {
+                break;
+            }
+        }
+        let n = served.fetch_add(1, Ordering::Relaxed) + 1;
+        let conn = reader.get_mut();
+        let payload: &[u8] = body.unwrap_or(label.as_bytes());
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Served: {n}\r\n{}\r\n",
+            payload.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        if conn.write_all(head.as_bytes()).is_err() || conn.write_all(payload).is_err() {
+            return;
+        }
+        if close {
+            return;
+        }
+    }
+}
+
+fn fail(why: &str) -> ! {
+    eprintln!("dispatch_worker: {why}");
+    std::process::exit(2);
+}

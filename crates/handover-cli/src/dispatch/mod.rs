@@ -1,0 +1,392 @@
+//! `handover dispatch`: accept connections on the activation sockets and
+//! hand each one to a worker process over a channel (docs/protocol.md
+//! §18). No byte is proxied: the worker talks to the client directly.
+//!
+//! It is a socket-activated program itself, so it runs under `handover run
+//! --workers N` (which starts it as each generation's program: reloads
+//! then start a new dispatcher with new workers, switch once they are all
+//! ready, and drain the old ones), under systemd, or under anything that
+//! speaks LISTEN_FDS.
+//!
+//! One thread, one poll loop: the signalfd, the listening sockets, the
+//! connections being peeked for routing, and every worker's channel.
+//! Delivery is acknowledged (`pool.rs`); routing is in `routes.rs`.
+
+mod pool;
+mod routes;
+
+use std::ffi::OsString;
+use std::net::TcpListener;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use handover::unix::HandleExt;
+use handover::{Handle, HandleKind, SocketFamily, SocketType};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+
+pub use pool::Policy;
+use pool::{Conn, Pool};
+use routes::{Routes, Verdict};
+
+use crate::run::signals::{self, Signals};
+
+#[derive(Debug, Args)]
+pub struct DispatchArgs {
+    /// How many worker processes run PROGRAM.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub workers: usize,
+
+    /// Which worker gets the next connection.
+    #[arg(long, value_enum, default_value = "least-busy")]
+    pub policy: Policy,
+
+    /// Route connections to named pools of workers by TLS SNI or HTTP Host
+    /// (a TOML file; see docs/protocol.md §18).
+    #[arg(long, value_name = "FILE")]
+    pub routes: Option<PathBuf>,
+
+    /// The worker program and its arguments.
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "PROGRAM [ARGS]..."
+    )]
+    pub command: Vec<OsString>,
+}
+
+/// The most connections accepted and not yet taken by a worker; beyond
+/// it the dispatcher stops accepting and clients wait in the kernel's
+/// backlog, where a successor dispatcher can take them.
+const MAX_WAITING: usize = 1024;
+/// How many connections one listener gives per round, so that one busy
+/// listener does not starve the rest of the loop.
+const ACCEPT_BURST: usize = 64;
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+struct Listening {
+    name: String,
+    socket: Listener,
+}
+
+/// A connection whose first bytes are awaited, to route it.
+struct Peeking {
+    conn: Conn,
+    deadline: Instant,
+}
+
+struct Dispatcher {
+    listeners: Vec<Listening>,
+    pools: Vec<Pool>,
+    routes: Routes,
+    peeking: Vec<Peeking>,
+    signals: Signals,
+    next_id: u64,
+    draining: bool,
+    ready_sent: bool,
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(l) => l.as_fd(),
+        }
+    }
+}
+
+pub fn run(args: DispatchArgs) -> Result<()> {
+    if !(1..=1024).contains(&args.workers) {
+        bail!("--workers must be 1 to 1024");
+    }
+    let routes = match &args.routes {
+        Some(path) => Routes::load(path)?,
+        None => Routes::none(),
+    };
+    let listeners = take_listeners()?;
+    let signals = Signals::install()?;
+    let mut pools = vec![Pool::new(
+        "default",
+        args.command.clone(),
+        args.workers,
+        args.policy,
+    )?];
+    for spec in &routes.pools {
+        let argv = spec.command.clone().unwrap_or_else(|| args.command.clone());
+        pools.push(Pool::new(&spec.name, argv, spec.workers, args.policy)?);
+    }
+    // The first start fails loudly: nothing would serve.
+    for pool in &mut pools {
+        for slot in pool.slots() {
+            pool.start(slot)?;
+        }
+    }
+    let mut d = Dispatcher {
+        listeners,
+        pools,
+        routes,
+        peeking: Vec::new(),
+        signals,
+        next_id: 0,
+        draining: false,
+        ready_sent: false,
+    };
+    loop {
+        d.step()?;
+        if d.draining && d.pools.iter().all(Pool::all_exited) {
+            tracing::info!("every worker has exited");
+            return Ok(());
+        }
+    }
+}
+
+/// Reads a routes file, for `handover run` to refuse a bad one early.
+pub fn check_routes(path: &std::path::Path) -> Result<()> {
+    Routes::load(path).map(drop)
+}
+
+/// The activation sockets: each must be a listening stream socket.
+fn take_listeners() -> Result<Vec<Listening>> {
+    let activation = handover::activation::take()?;
+    let names = activation.names().to_vec();
+    let handles = activation.into_handles();
+    if handles.is_empty() {
+        bail!(
+            "no sockets to accept on: start `handover dispatch` by socket activation \
+             (LISTEN_FDS), e.g. under `handover run -l ADDR --workers N`"
+        );
+    }
+    let mut out = Vec::new();
+    for (handle, name) in handles.into_iter().zip(names) {
+        let socket = listener(handle).with_context(|| format!("activation socket {name:?}"))?;
+        out.push(Listening { name, socket });
+    }
+    Ok(out)
+}
+
+fn listener(handle: Handle) -> Result<Listener> {
+    let socket = match handle.kind() {
+        HandleKind::Socket(info) if info.socket_type == SocketType::Stream && info.listening => {
+            if info.family == SocketFamily::Unix {
+                Listener::Unix(handle.into_unix_listener()?)
+            } else {
+                Listener::Tcp(handle.into_tcp_listener()?)
+            }
+        }
+        kind => bail!("{kind} cannot be dispatched: only listening stream sockets can"),
+    };
+    match &socket {
+        Listener::Tcp(l) => l.set_nonblocking(true),
+        Listener::Unix(l) => l.set_nonblocking(true),
+    }
+    .context("making a listener non-blocking")?;
+    Ok(socket)
+}
+
+impl Dispatcher {
+    fn waiting(&self) -> usize {
+        self.peeking.len() + self.pools.iter().map(Pool::pending).sum::<usize>()
+    }
+
+    fn step(&mut self) -> Result<()> {
+        let accepting = !self.draining && self.waiting() < MAX_WAITING;
+        let mut deadline = self.peeking.iter().map(|p| p.deadline).min();
+        for p in &self.pools {
+            deadline = match (deadline, p.next_restart()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        let (listen_ready, peek_ready, worker_ready) = {
+            let mut fds = vec![PollFd::new(&self.signals, PollFlags::IN)];
+            let listen_at = fds.len();
+            if accepting {
+                fds.extend(
+                    self.listeners
+                        .iter()
+                        .map(|l| PollFd::new(&l.socket, PollFlags::IN)),
+                );
+            }
+            let peek_at = fds.len();
+            fds.extend(
+                self.peeking
+                    .iter()
+                    .map(|p| PollFd::new(&p.conn.handle, PollFlags::IN)),
+            );
+            let worker_at = fds.len();
+            let mut owners = Vec::new();
+            for (pi, pool) in self.pools.iter().enumerate() {
+                for (slot, w) in pool.workers.iter().enumerate() {
+                    if let Some(ch) = w.channel() {
+                        fds.push(PollFd::new(ch, PollFlags::IN));
+                        owners.push((pi, slot));
+                    }
+                }
+            }
+            let timeout = deadline.map(|d| {
+                let t = d.saturating_duration_since(Instant::now());
+                Timespec {
+                    tv_sec: t.as_secs() as _,
+                    tv_nsec: t.subsec_nanos() as _,
+                }
+            });
+            match poll(&mut fds, timeout.as_ref()) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e).context("poll"),
+            }
+            let hit = |f: &PollFd| !f.revents().is_empty();
+            (
+                (listen_at..peek_at)
+                    .filter(|&i| hit(&fds[i]))
+                    .map(|i| i - listen_at)
+                    .collect::<Vec<_>>(),
+                (peek_at..worker_at)
+                    .filter(|&i| hit(&fds[i]))
+                    .map(|i| i - peek_at)
+                    .collect::<Vec<_>>(),
+                (worker_at..fds.len())
+                    .filter(|&i| hit(&fds[i]))
+                    .map(|i| owners[i - worker_at])
+                    .collect::<Vec<_>>(),
+            )
+        };
+        while let Some(sig) = self.signals.next()? {
+            self.on_signal(sig);
+        }
+        // Reports first: acknowledgements free room and close our copies.
+        for (pi, slot) in worker_ready {
+            self.pools[pi].read_reports(slot);
+        }
+        for i in listen_ready {
+            self.accept_from(i);
+        }
+        self.peek(&peek_ready);
+        let now = Instant::now();
+        for pool in &mut self.pools {
+            if !self.draining {
+                pool.restart_due(now);
+            }
+            pool.deliver(&mut self.next_id);
+            if self.draining {
+                pool.end_idle();
+            }
+        }
+        if !self.ready_sent && self.pools.iter().all(Pool::ready) {
+            self.ready_sent = true;
+            tracing::info!("every worker is ready");
+            if let Err(e) = handover::notify::notify("READY=1") {
+                tracing::warn!(error = %e, "telling our supervisor we are ready failed");
+            }
+        }
+        Ok(())
+    }
+
+    fn on_signal(&mut self, sig: i32) {
+        match sig {
+            libc::SIGCHLD => {
+                for pool in &mut self.pools {
+                    pool.reap(self.draining);
+                }
+                // What the workers left (re-parented to a subreaper above
+                // us, or to init) is not ours to reap.
+            }
+            libc::SIGTERM | libc::SIGINT | libc::SIGQUIT if !self.draining => {
+                tracing::info!(signal = %signals::name(sig), "draining: no more accepts; workers finish what they have");
+                self.draining = true;
+                // Our copies of the listening sockets go: what is still in
+                // their backlog is for whoever else holds them (handover
+                // run's next generation), not lost with us.
+                self.listeners.clear();
+                // Connections not routed yet go to the default pool.
+                for p in std::mem::take(&mut self.peeking) {
+                    self.pools[0].queue.push_back(p.conn);
+                }
+            }
+            libc::SIGPIPE | libc::SIGHUP => {}
+            sig => {
+                for pool in &self.pools {
+                    for w in pool.workers.iter().filter(|w| w.is_running()) {
+                        // SAFETY: kill on a worker of ours that has not been
+                        // reaped (its Child is still held).
+                        unsafe { libc::kill(w.pid as libc::pid_t, sig) };
+                    }
+                }
+            }
+        }
+    }
+
+    fn accept_from(&mut self, index: usize) {
+        for _ in 0..ACCEPT_BURST {
+            let l = &self.listeners[index];
+            let accepted = match &l.socket {
+                Listener::Tcp(s) => s
+                    .accept()
+                    .map(|(c, peer)| (Handle::from(c), peer.to_string())),
+                Listener::Unix(s) => s.accept().map(|(c, _)| (Handle::from(c), String::new())),
+            };
+            let (handle, peer) = match accepted {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // ECONNABORTED, EMFILE and the like: this connection
+                    // is lost to the kernel or we are out of descriptors;
+                    // the loop goes on.
+                    tracing::warn!(listener = %l.name, error = %e, "accept failed");
+                    return;
+                }
+            };
+            let conn = Conn {
+                handle,
+                listener: l.name.clone(),
+                peer,
+                peeked: Vec::new(),
+            };
+            if self.routes.peeks() {
+                self.peeking.push(Peeking {
+                    conn,
+                    deadline: Instant::now() + self.routes.peek_timeout,
+                });
+            } else {
+                self.pools[0].queue.push_back(conn);
+            }
+        }
+    }
+
+    /// Looks at the first bytes of connections being routed, without
+    /// consuming them, and moves those decided to their pool's queue.
+    /// `readable` holds positions in `peeking` as it was polled (sorted);
+    /// connections accepted since then come after those.
+    fn peek(&mut self, readable: &[usize]) {
+        let now = Instant::now();
+        let mut buf = vec![0u8; self.routes.peek_limit];
+        for (index, mut p) in std::mem::take(&mut self.peeking).into_iter().enumerate() {
+            let mut full = p.deadline <= now;
+            if readable.binary_search(&index).is_ok() {
+                let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+                match rustix::net::recv(&p.conn.handle, &mut buf, flags) {
+                    Ok((n, _)) => {
+                        // 0: the client closed before saying anything; the
+                        // default pool's worker sees that for itself.
+                        full |= n == 0 || n >= buf.len();
+                        p.conn.peeked = buf[..n].to_vec();
+                    }
+                    Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
+                    Err(_) => full = true,
+                }
+            }
+            match self.routes.decide(&p.conn.peeked, full) {
+                Verdict::Wait => self.peeking.push(p),
+                Verdict::Pool(pool) => self.pools[pool].queue.push_back(p.conn),
+            }
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! Pools of worker processes and the bookkeeping of delivery: which
+//! connections each worker has not acknowledged yet (the dispatcher keeps
+//! its own copy of those, to hand them to another worker should this one
+//! die), how many it has open, whom the policy picks next, and restarting
+//! workers that die.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use handover::dispatch::protocol::{Delivery, Report, VERSION};
+use handover::dispatch::CHANNEL_NAME;
+use handover::{Channel, Child, Command, Handle};
+
+/// How many connections a worker may have unacknowledged at once. A
+/// worker that stops taking connections holds at most this many (they go
+/// elsewhere if it dies), and the channel's buffer never fills, so a send
+/// to a worker never blocks the dispatcher.
+pub const MAX_UNACKED: usize = 64;
+
+/// How long a send to a worker may take before the worker is passed over
+/// for this connection.
+const SEND_TIMEOUT: Duration = Duration::from_millis(50);
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A worker that ran this long resets its backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    /// The worker with the fewest connections open (unacknowledged and not
+    /// yet reported done).
+    LeastBusy,
+    /// Each worker in turn.
+    RoundRobin,
+}
+
+/// A connection accepted and not yet taken by a worker.
+pub struct Conn {
+    pub handle: Handle,
+    pub listener: String,
+    pub peer: String,
+    pub peeked: Vec<u8>,
+}
+
+pub struct Worker {
+    slot: usize,
+    child: Option<Child>,
+    pub pid: u32,
+    channel: Option<Channel>,
+    ready: bool,
+    /// Delivered, not yet acknowledged: ours to hand elsewhere.
+    unacked: HashMap<u64, Conn>,
+    /// Acknowledged, not yet reported done.
+    open: HashSet<u64>,
+    started: Instant,
+    restart_at: Option<Instant>,
+    backoff: Duration,
+    /// The channel was shut for writing: the worker is draining.
+    ended: bool,
+}
+
+pub struct Pool {
+    pub name: String,
+    argv: Vec<OsString>,
+    path: PathBuf,
+    pub workers: Vec<Worker>,
+    /// Waiting for a worker: taken back from a dead one (first) or new.
+    pub queue: VecDeque<Conn>,
+    policy: Policy,
+    turn: usize,
+}
+
+impl Worker {
+    fn load(&self) -> usize {
+        self.unacked.len() + self.open.len()
+    }
+
+    fn can_take(&self) -> bool {
+        self.ready && !self.ended && self.channel.is_some() && self.unacked.len() < MAX_UNACKED
+    }
+
+    pub fn channel(&self) -> Option<&Channel> {
+        self.channel.as_ref()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Pool {
+    pub fn new(name: &str, argv: Vec<OsString>, size: usize, policy: Policy) -> Result<Pool> {
+        let path = Command::new(&argv[0])
+            .resolved_program()
+            .with_context(|| format!("cannot run {:?}", argv[0].to_string_lossy()))?;
+        let workers = (0..size)
+            .map(|slot| Worker {
+                slot,
+                child: None,
+                pid: 0,
+                channel: None,
+                ready: false,
+                unacked: HashMap::new(),
+                open: HashSet::new(),
+                started: Instant::now(),
+                restart_at: Some(Instant::now()),
+                backoff: FIRST_BACKOFF,
+                ended: false,
+            })
+            .collect();
+        Ok(Pool {
+            name: name.to_owned(),
+            argv,
+            path,
+            workers,
+            queue: VecDeque::new(),
+            policy,
+            turn: 0,
+        })
+    }
+
+    /// Starts the worker in `slot`: its end of a new channel is its one
+    /// activation handle, named `handover-dispatch`.
+    pub fn start(&mut self, slot: usize) -> Result<()> {
+        let (ours, theirs) = Channel::pair()?;
+        let mut cmd = Command::new(&self.argv[0]);
+        cmd.program_path(&self.path)
+            .args(&self.argv[1..])
+            .activation(Handle::from(theirs).with_name(CHANNEL_NAME))?;
+        // Readiness is the dispatcher's to tell (once its workers are), and
+        // the workers' stop is the end of their channel.
+        cmd.env_remove("NOTIFY_SOCKET")
+            .env("HANDOVER_POOL", &self.name)
+            .env("HANDOVER_WORKER", slot.to_string());
+        {
+            use handover::unix::CommandExt;
+            cmd.parent_death_signal(Some(libc::SIGTERM));
+        }
+        let child = cmd.spawn()?;
+        let w = &mut self.workers[slot];
+        w.pid = child.id();
+        tracing::info!(pool = %self.name, worker = slot, pid = w.pid, "worker started");
+        w.child = Some(child);
+        w.channel = Some(ours);
+        w.ready = false;
+        w.started = Instant::now();
+        w.restart_at = None;
+        w.ended = false;
+        Ok(())
+    }
+
+    pub fn ready(&self) -> bool {
+        self.workers.iter().all(|w| w.ready)
+    }
+
+    pub fn next_restart(&self) -> Option<Instant> {
+        self.workers.iter().filter_map(|w| w.restart_at).min()
+    }
+
+    /// Starts the workers whose restart is due.
+    pub fn restart_due(&mut self, now: Instant) {
+        for slot in 0..self.workers.len() {
+            if self.workers[slot].restart_at.is_some_and(|t| t <= now) {
+                if let Err(e) = self.start(slot) {
+                    let w = &mut self.workers[slot];
+                    tracing::warn!(pool = %self.name, worker = slot, "cannot start: {e:#}");
+                    w.restart_at = Some(now + w.backoff);
+                    w.backoff = (w.backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// Reads what worker `slot` reported. A worker whose channel broke, or
+    /// that broke the protocol, is lost: see [`Pool::lose`].
+    pub fn read_reports(&mut self, slot: usize) {
+        loop {
+            let w = &mut self.workers[slot];
+            let Some(ch) = &w.channel else { return };
+            let m = match ch.recv_timeout(Duration::ZERO) {
+                Ok(Some(m)) => m,
+                Err(handover::Error::TimedOut { .. }) => return,
+                Ok(None) => return self.lose(slot, "its channel closed"),
+                Err(e) => return self.lose(slot, &format!("its channel failed: {e}")),
+            };
+            if !m.handles.is_empty() {
+                return self.lose(slot, "it sent handles on its channel");
+            }
+            match Report::decode(&m.bytes) {
+                Ok(Report::Ready { version }) if version == VERSION => {
+                    if !w.ready {
+                        tracing::info!(pool = %self.name, worker = slot, pid = w.pid, "worker ready");
+                    }
+                    w.ready = true;
+                }
+                Ok(Report::Ready { version }) => {
+                    return self.lose(slot, &format!("it speaks version {version}, not {VERSION}"))
+                }
+                Ok(Report::Ack(id)) => match w.unacked.remove(&id) {
+                    // Our copy closes here: from now on the worker alone
+                    // holds the connection, and its close ends it.
+                    Some(_) => {
+                        w.open.insert(id);
+                    }
+                    None => {
+                        return self.lose(slot, &format!("it acknowledged unknown connection {id}"))
+                    }
+                },
+                Ok(Report::Done(id)) => {
+                    w.open.remove(&id);
+                }
+                Err(e) => return self.lose(slot, &e.to_string()),
+            }
+        }
+    }
+
+    /// Worker `slot` can take no more: its unacknowledged connections go
+    /// back to the front of the queue for the others, and the process, if
+    /// still running, is killed (it is restarted once reaped).
+    pub fn lose(&mut self, slot: usize, why: &str) {
+        let name = self.name.clone();
+        let w = &mut self.workers[slot];
+        if w.channel.is_none() {
+            return;
+        }
+        let back = w.unacked.len();
+        if w.ended {
+            tracing::debug!(pool = %name, worker = slot, pid = w.pid, "worker's channel closed: {why}");
+        } else {
+            tracing::warn!(pool = %name, worker = slot, pid = w.pid, requeued = back, "worker lost: {why}");
+        }
+        w.channel = None;
+        w.ready = false;
+        w.open.clear();
+        let mut taken: Vec<(u64, Conn)> = w.unacked.drain().collect();
+        taken.sort_by_key(|(id, _)| std::cmp::Reverse(*id));
+        for (_, conn) in taken {
+            self.queue.push_front(conn);
+        }
+        if !self.workers[slot].ended {
+            if let Some(child) = &mut self.workers[slot].child {
+                let _ = child.kill();
+            }
+        }
+    }
+
+    /// A worker process exited: lost if it was not already, and started
+    /// again unless `draining`.
+    pub fn on_exit(&mut self, slot: usize, status: std::process::ExitStatus, draining: bool) {
+        self.lose(slot, &format!("it exited ({status})"));
+        let name = self.name.clone();
+        let w = &mut self.workers[slot];
+        w.child = None;
+        if draining || w.ended {
+            tracing::info!(pool = %name, worker = slot, pid = w.pid, %status, "worker exited");
+            return;
+        }
+        if w.started.elapsed() >= STABLE_AFTER {
+            w.backoff = FIRST_BACKOFF;
+        }
+        tracing::warn!(pool = %name, worker = slot, pid = w.pid, %status, delay = ?w.backoff, "worker died; restarting");
+        w.restart_at = Some(Instant::now() + w.backoff);
+        w.backoff = (w.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    /// Reaps whichever workers have exited.
+    pub fn reap(&mut self, draining: bool) {
+        for slot in 0..self.workers.len() {
+            let status = match self.workers[slot].child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(status))) => status,
+                _ => continue,
+            };
+            self.on_exit(slot, status, draining);
+        }
+    }
+
+    /// Hands queued connections to workers while some can take one.
+    pub fn deliver(&mut self, next_id: &mut u64) {
+        while let Some(conn) = self.queue.pop_front() {
+            let Some(slot) = self.pick() else {
+                self.queue.push_front(conn);
+                return;
+            };
+            *next_id += 1;
+            let id = *next_id;
+            let delivery = Delivery {
+                id,
+                listener: conn.listener.clone(),
+                peer: conn.peer.clone(),
+                peeked: conn.peeked.clone(),
+            };
+            let w = &mut self.workers[slot];
+            let Some(ch) = &w.channel else { continue };
+            let sent = ch.send_timeout(
+                &delivery.encode(),
+                std::slice::from_ref(&conn.handle),
+                SEND_TIMEOUT,
+            );
+            match sent {
+                Ok(()) => {
+                    w.unacked.insert(id, conn);
+                }
+                Err(e) => {
+                    self.queue.push_front(conn);
+                    self.lose(slot, &format!("a delivery failed: {e}"));
+                }
+            }
+        }
+    }
+
+    fn pick(&mut self) -> Option<usize> {
+        let n = self.workers.len();
+        let candidates = (0..n)
+            .map(|i| (self.turn + i) % n)
+            .filter(|&i| self.workers[i].can_take());
+        let chosen = match self.policy {
+            Policy::RoundRobin => candidates.into_iter().next(),
+            Policy::LeastBusy => candidates.min_by_key(|&i| self.workers[i].load()),
+        }?;
+        self.turn = (chosen + 1) % n;
+        Some(chosen)
+    }
+
+    /// Draining: each worker whose every delivery is acknowledged (and to
+    /// which nothing is queued) has its channel shut for writing, which
+    /// ends its `incoming()`; it finishes what it has and exits.
+    pub fn end_idle(&mut self) {
+        if !self.queue.is_empty() {
+            return;
+        }
+        for w in &mut self.workers {
+            if w.ended || !w.unacked.is_empty() {
+                continue;
+            }
+            if let Some(ch) = &w.channel {
+                let _ = rustix::net::shutdown(ch, rustix::net::Shutdown::Write);
+            }
+            w.ended = true;
+            w.restart_at = None;
+        }
+    }
+
+    pub fn all_exited(&self) -> bool {
+        self.workers.iter().all(|w| w.child.is_none())
+    }
+
+    pub fn pending(&self) -> usize {
+        self.queue.len() + self.workers.iter().map(|w| w.unacked.len()).sum::<usize>()
+    }
+
+    pub fn slots(&self) -> std::ops::Range<usize> {
+        0..self.workers.len()
+    }
+
+    #[allow(dead_code)]
+    pub fn slot_of(&self, w: &Worker) -> usize {
+        w.slot
+    }
+}
