@@ -152,7 +152,13 @@ impl Routes {
                 (None, Some(h)) => (By::Host, h),
                 _ => bail!("route {}: give exactly one of sni or host", i + 1),
             };
-            let pattern = pattern.trim().trim_end_matches('.').to_ascii_lowercase();
+            let mut pattern = pattern.trim().trim_end_matches('.').to_ascii_lowercase();
+            // Hosts that are IPv6 literals are compared in their short
+            // form, without brackets, as the peek gives them.
+            let bare = pattern.trim_start_matches('[').trim_end_matches(']');
+            if let Ok(v6) = bare.parse::<std::net::Ipv6Addr>() {
+                pattern = v6.to_string();
+            }
             if pattern.is_empty() {
                 bail!("route {}: empty name", i + 1);
             }
@@ -230,6 +236,10 @@ mod tests {
         assert_eq!(r.decide(head, false), Verdict::Pool(2));
         assert_eq!(r.decide(&head[..20], false), Verdict::Wait);
         assert_eq!(r.decide(&head[..20], true), Verdict::Pool(0));
+        let v6 = b"GET / HTTP/1.1\r\nHost: [0:0::01]:80\r\n\r\n";
+        let r6 = Routes::parse("[[route]]\nhost = \"[::0:1]\"\npool = \"default\"").unwrap();
+        assert_eq!(r6.routes[0].pattern, "::1");
+        assert_eq!(r6.decide(v6, false), Verdict::Pool(0));
         let other = b"GET / HTTP/1.1\r\nHost: elsewhere\r\n\r\n";
         assert_eq!(r.decide(other, false), Verdict::Pool(0));
         assert_eq!(r.decide(b"\x00\x01garbage", false), Verdict::Pool(0));

@@ -42,7 +42,7 @@ pub use async_incoming::{incoming_async, AsyncConnection, AsyncDone, AsyncIncomi
 use protocol::{Delivery, Report};
 
 use crate::activation::Activation;
-use crate::{Channel, Error, HandleKind, Message, Result, SocketFamily};
+use crate::{Channel, Error, Message, Result};
 
 /// The activation name of the worker's channel to its dispatcher
 /// (LISTEN_FDNAMES).
@@ -146,6 +146,8 @@ pub(crate) fn open_delivery(mut message: Message) -> Result<(Delivery, Stream)> 
         )));
     }
     let handle = message.handles.remove(0);
+    #[cfg(unix)]
+    use crate::{HandleKind, SocketFamily};
     let stream = match handle.kind() {
         #[cfg(unix)]
         HandleKind::Socket(info) if info.family == SocketFamily::Unix => {
