@@ -2,7 +2,6 @@
 //! `wait` (the daemon is `handover hold`, in hold/).
 
 use std::ffi::OsString;
-use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -10,8 +9,32 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use handover::holder::{self, Client, Entry, ErrorCode, StoreOptions};
 use handover::listen::{self, ListenAddr, ListenOptions, ListenSpec};
-use handover::unix::ChildExt;
 use handover::Command;
+
+/// `handover put …` and `handover get …` without the rest of the command
+/// line's parser and without logging (they log nothing): None if the
+/// arguments are anything else, a request for help, or wrong (then the full
+/// parser runs, and reports), or if HANDOVER_LOG asks for logging.
+pub fn quick() -> Option<Result<()>> {
+    fn parse<A: clap::Args + clap::FromArgMatches>(
+        name: &'static str,
+        args: impl Iterator<Item = OsString>,
+    ) -> Option<A> {
+        let matches = A::augment_args(clap::Command::new(name).no_binary_name(true))
+            .try_get_matches_from(args)
+            .ok()?;
+        A::from_arg_matches(&matches).ok()
+    }
+    if std::env::var_os("HANDOVER_LOG").is_some() {
+        return None;
+    }
+    let mut args = std::env::args_os().skip(1);
+    match args.next()?.to_str()? {
+        "put" => Some(put(parse::<PutArgs>("put", args)?)),
+        "get" => Some(get(parse::<GetArgs>("get", args)?)),
+        _ => None,
+    }
+}
 
 /// `--socket PATH`, else $HANDOVER_HOLDER.
 #[derive(Debug, Args)]
@@ -22,7 +45,7 @@ pub struct Socket {
 }
 
 impl Socket {
-    fn connect(&self) -> Result<Client> {
+    pub(crate) fn connect(&self) -> Result<Client> {
         let path = holder::socket_path(self.socket.as_deref())
             .map_err(|_| anyhow::anyhow!("no holder: give --socket PATH or set HANDOVER_HOLDER"))?;
         Client::connect(&path)
@@ -145,81 +168,10 @@ pub fn get(args: GetArgs) -> Result<()> {
             cmd.activation(handle.with_name(entry.name))?;
         }
     }
-    let forwarding = block_signals()?;
-    let mut child = cmd.spawn()?;
-    // Our copies must go, or a pipe's reader never sees end of input.
-    drop(cmd);
-    let target = match child.pidfd() {
-        Some(fd) => Target::Pidfd(fd.try_clone_to_owned().context("dup")?),
-        None => Target::Pid(child.id() as i32),
-    };
-    std::thread::spawn(move || forward(forwarding, target));
-    let status = child.wait()?;
-    crate::run::signals::exit_like(status)
-}
-
-const FORWARDED: [i32; 6] = [
-    libc::SIGTERM,
-    libc::SIGINT,
-    libc::SIGHUP,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-];
-
-enum Target {
-    Pidfd(OwnedFd),
-    Pid(i32),
-}
-
-struct SigSet(libc::sigset_t);
-
-// SAFETY: a sigset_t is plain data.
-unsafe impl Send for SigSet {}
-
-/// Blocks the signals to forward in this thread (and the threads it
-/// starts); the child starts with an empty mask (handover::Command).
-fn block_signals() -> Result<SigSet> {
-    // SAFETY: sigset_t is plain data initialised by sigemptyset before use.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in FORWARDED {
-            libc::sigaddset(&mut set, sig);
-        }
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            bail!("blocking signals failed");
-        }
-        Ok(SigSet(set))
-    }
-}
-
-/// Passes every blocked signal on to the child, until this process exits.
-fn forward(set: SigSet, target: Target) {
-    loop {
-        let mut sig = 0;
-        // SAFETY: `set` is an initialised sigset_t; `sig` is a live int.
-        if unsafe { libc::sigwait(&set.0, &mut sig) } != 0 {
-            return;
-        }
-        match &target {
-            // SAFETY: the pidfd is open while `target` lives; the other
-            // arguments are a signal number, a null siginfo and no flags.
-            Target::Pidfd(fd) => unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd()),
-                    sig,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                );
-            },
-            // SAFETY: kill has no memory effects.
-            Target::Pid(pid) => unsafe {
-                libc::kill(*pid, sig);
-            },
-        }
-    }
+    // The program takes this process's place, as s6-fdholder-retrieve
+    // does: it keeps our pid (LISTEN_PID), gets signals sent to us and
+    // exits with its own status. Nothing else of ours stays open in it.
+    Err(cmd.exec()).context("starting the program")
 }
 
 #[derive(Debug, Args)]

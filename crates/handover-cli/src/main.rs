@@ -124,6 +124,13 @@ fn main() {
 }
 
 fn real_main() -> Result<()> {
+    // `put` and `get` are run often and briefly (one per handle, from
+    // scripts), and log nothing: they skip the logging set-up and parse
+    // only their own arguments (anything else goes the long way below).
+    #[cfg(unix)]
+    if let Some(done) = holder_cmds::quick() {
+        return done;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HANDOVER_LOG")

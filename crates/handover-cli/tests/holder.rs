@@ -486,10 +486,11 @@ fn sigterm_stops_cleanly() {
     assert!(e.contains("--takeover"), "{e}");
 }
 
-/// `handover get` passes signals on to its program and exits as it did,
-/// with its code or of the same signal.
+/// `handover get` becomes its program (exec, as s6-fdholder-retrieve):
+/// the same pid, signals sent to it reach the program, the exit status is
+/// the program's, with its code or of the same signal.
 #[test]
-fn get_passes_signals_on_and_exits_like_its_program() {
+fn get_becomes_its_program() {
     use std::io::BufRead;
     use std::os::unix::process::ExitStatusExt;
     let holder = Holder::start(&[]);
@@ -510,6 +511,33 @@ fn get_passes_signals_on_and_exits_like_its_program() {
 
     let out = run(&mut holder.cmd(["get", "x", "--", "sh", "-c", "kill -KILL $$"]));
     assert_eq!(out.status.signal(), Some(libc::SIGKILL));
+
+    // The program has exactly its descriptors: not the holder connection,
+    // nor one `handover get` inherited without close-on-exec (5 here).
+    let mut get = holder.cmd(["get", "x", "--", "sh", "-c", "echo $$; ls /proc/$$/fd"]);
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: dup2 in the child between fork and exec, onto a number
+        // nothing else uses there.
+        unsafe {
+            get.pre_exec(|| {
+                if libc::dup2(2, 5) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    get.stdout(std::process::Stdio::piped());
+    let child = get.spawn().unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    let out = String::from_utf8(out.stdout).unwrap();
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some(pid.to_string().as_str()), "{out}");
+    let fds: Vec<&str> = lines.collect();
+    assert_eq!(fds, ["0", "1", "2", "3"], "{out}");
 }
 
 /// A client in Python, standard library only, written from

@@ -248,6 +248,29 @@ impl Command {
         }
     }
 
+    /// Replaces this process with the program (execve), the handles placed
+    /// and the environment set as [`Command::spawn`] does for a child;
+    /// LISTEN_PID is this process's own pid, which execve keeps. Every other
+    /// descriptor of this process is marked close-on-exec, so the program
+    /// gets exactly the handles chosen (and the standard ones not replaced).
+    ///
+    /// Returns only if that failed. The descriptors may have been moved by
+    /// then, so the command's handles are left open rather than closed by
+    /// number; the caller should report the error and exit.
+    #[cfg(unix)]
+    pub fn exec(self) -> Error {
+        let path = match self.resolve_program() {
+            Ok(path) => path,
+            Err(e) => return e,
+        };
+        let mut argv = Vec::with_capacity(self.args.len() + 1);
+        argv.push(self.program.clone());
+        argv.extend(self.args.iter().cloned());
+        let e = sys::exec_in_place(&self, &path, &argv, self.child_env(Vec::new()));
+        std::mem::forget(self);
+        e
+    }
+
     /// The child's environment: ours (or none) with the command's changes,
     /// the activation variables and `extra` (the Windows bootstrap's).
     fn child_env(&self, extra: Vec<(OsString, OsString)>) -> Vec<OsString> {

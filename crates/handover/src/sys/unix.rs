@@ -11,6 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rustix::fs::FileType;
+
+/// Exec in place, beside `spawn_child` (re-exported through this module's
+/// glob in `sys`).
+pub(crate) use super::unix_spawn::exec_in_place;
 use rustix::io::Errno;
 use rustix::net::{
     self as rnet, AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,

@@ -119,6 +119,9 @@ pub(crate) struct Plan {
     temps: Vec<RawFd>,
     /// Ranges of descriptor numbers to close, inclusive, after the moves.
     close: Vec<(u32, u32)>,
+    /// Mark those ranges close-on-exec instead of closing them (an exec in
+    /// place: the process keeps working if execve fails).
+    cloexec_others: bool,
     groups: Option<Vec<libc::gid_t>>,
     gid: Option<libc::gid_t>,
     uid: Option<libc::uid_t>,
@@ -224,6 +227,7 @@ impl Plan {
             temps: vec![-1; spec.fds.len()],
             moves: spec.fds,
             close,
+            cloexec_others: false,
             groups: spec.groups,
             gid: spec.gid,
             uid: spec.uid,
@@ -657,9 +661,17 @@ unsafe fn child_setup(plan: &mut Plan) -> Result<(), (Stage, c_int)> {
             return Err(fail(Stage::Dup));
         }
     }
+    let flags = if plan.cloexec_others {
+        CLOSE_RANGE_CLOEXEC
+    } else {
+        0
+    };
     for &(lo, hi) in &plan.close {
-        if libc::syscall(libc::SYS_close_range, lo, hi, 0) < 0 {
-            if errno() != libc::ENOSYS {
+        if libc::syscall(libc::SYS_close_range, lo, hi, flags) < 0 {
+            let e = errno();
+            // EINVAL: CLOSE_RANGE_CLOEXEC is newer (Linux 5.11) than
+            // close_range; closing does as well right before execve.
+            if e != libc::ENOSYS && !(e == libc::EINVAL && flags != 0) {
                 return Err(fail(Stage::CloseOthers));
             }
             // Before Linux 5.9: close one by one up to the limit.
@@ -765,6 +777,9 @@ fn write_decimal(out: &mut [u8], mut n: u64) {
     out[len] = 0;
 }
 
+/// close_range(2)'s flag that marks instead of closing (Linux 5.11).
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+
 /// Starts `cmd`: builds its plan, then clones.
 pub(crate) fn spawn_child(
     cmd: &crate::spawn::Command,
@@ -772,8 +787,71 @@ pub(crate) fn spawn_child(
     argv: &[OsString],
     env: Vec<OsString>,
 ) -> crate::Result<Spawned> {
+    let mut plan = plan_for(cmd, path, argv, env)?;
+    spawn(&mut plan).map_err(|(stage, source)| spawn_error(cmd, stage, source))
+}
+
+fn spawn_error(cmd: &crate::spawn::Command, stage: Stage, source: io::Error) -> crate::Error {
+    crate::Error::Spawn {
+        program: cmd.program().to_string_lossy().into_owned(),
+        stage: stage.describe(),
+        source,
+    }
+}
+
+/// Replaces this process with `cmd`'s program, its descriptors placed and
+/// its environment set exactly as [`spawn_child`] does for a child
+/// (LISTEN_PID is this process's pid, which execve keeps); every other
+/// descriptor is marked close-on-exec rather than closed. Returns only if
+/// that failed, with the stage: descriptors may have been placed by then.
+pub(crate) fn exec_in_place(
+    cmd: &crate::spawn::Command,
+    path: &std::path::Path,
+    argv: &[OsString],
+    env: Vec<OsString>,
+) -> crate::Error {
+    let mut plan = match plan_for(cmd, path, argv, env) {
+        Ok(plan) => plan,
+        Err(e) => return e,
+    };
+    plan.cloexec_others = true;
+    // A parent-death signal then concerns our own parent.
+    // SAFETY: getppid has no memory effects.
+    plan.parent_pid = unsafe { libc::getppid() };
+    #[cfg(target_arch = "x86_64")]
+    let reset = non_default_signals();
+    #[cfg(not(target_arch = "x86_64"))]
+    let reset = ALL_SIGNALS;
+    // SAFETY: the same steps as a child's between clone and execve, here in
+    // this process: placing descriptors the plan names (`cmd` owns the
+    // sources and keeps them open throughout), marking the others
+    // close-on-exec, and signal dispositions, all through plain system
+    // calls on data prepared for them. Every signal stays blocked until
+    // just before execve, so no handler runs once its disposition is reset.
+    let (stage, errno) = with_signals_blocked(|| unsafe {
+        if let Err(failed) = child_setup(&mut plan) {
+            return failed;
+        }
+        reset_dispositions(reset);
+        unblock_signals();
+        libc::execve(
+            plan.path.as_ptr(),
+            plan.argv_ptrs.as_ptr(),
+            plan.envp_ptrs.as_ptr(),
+        );
+        (Stage::Exec, errno())
+    });
+    spawn_error(cmd, stage, io::Error::from_raw_os_error(errno))
+}
+
+/// The plan that starts `cmd`.
+fn plan_for(
+    cmd: &crate::spawn::Command,
+    path: &std::path::Path,
+    argv: &[OsString],
+    env: Vec<OsString>,
+) -> crate::Result<Plan> {
     use std::os::fd::AsFd;
-    let program = cmd.program().to_string_lossy().into_owned();
     let mut fds: Vec<(RawFd, RawFd)> = Vec::new();
     for (handle, target) in cmd.activation_fds() {
         fds.push((handle.as_fd().as_raw_fd(), target));
@@ -790,7 +868,7 @@ pub(crate) fn spawn_child(
         });
     }
     let activation = cmd.activation_fds().next().is_some();
-    let mut plan = Plan::new(PlanSpec {
+    Plan::new(PlanSpec {
         path: path.as_os_str(),
         argv,
         env,
@@ -807,11 +885,6 @@ pub(crate) fn spawn_child(
     .map_err(|e| crate::Error::InvalidInput {
         what: "command",
         why: e.to_string(),
-    })?;
-    spawn(&mut plan).map_err(|(stage, source)| crate::Error::Spawn {
-        program,
-        stage: stage.describe(),
-        source,
     })
 }
 
