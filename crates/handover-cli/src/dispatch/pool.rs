@@ -47,7 +47,6 @@ pub struct Conn {
 }
 
 pub struct Worker {
-    slot: usize,
     child: Option<Child>,
     pub pid: u32,
     channel: Option<Channel>,
@@ -98,8 +97,7 @@ impl Pool {
             .resolved_program()
             .with_context(|| format!("cannot run {:?}", argv[0].to_string_lossy()))?;
         let workers = (0..size)
-            .map(|slot| Worker {
-                slot,
+            .map(|_| Worker {
                 child: None,
                 pid: 0,
                 channel: None,
@@ -218,40 +216,54 @@ impl Pool {
         }
     }
 
-    /// Worker `slot` can take no more: its unacknowledged connections go
-    /// back to the front of the queue for the others, and the process, if
-    /// still running, is killed (it is restarted once reaped).
+    /// Worker `slot` can take no more: it gets nothing new, and the
+    /// process, if still running, is killed (it is restarted once reaped).
+    /// Its unacknowledged connections go to the others once it is gone for
+    /// sure (`requeue`, at its exit): a process still running might yet
+    /// take one, and a connection must never be served twice.
     pub fn lose(&mut self, slot: usize, why: &str) {
         let name = self.name.clone();
         let w = &mut self.workers[slot];
         if w.channel.is_none() {
             return;
         }
-        let back = w.unacked.len();
         if w.ended {
             tracing::debug!(pool = %name, worker = slot, pid = w.pid, "worker's channel closed: {why}");
         } else {
-            tracing::warn!(pool = %name, worker = slot, pid = w.pid, requeued = back, "worker lost: {why}");
+            tracing::warn!(pool = %name, worker = slot, pid = w.pid, unacknowledged = w.unacked.len(), "worker lost: {why}");
         }
         w.channel = None;
         w.ready = false;
         w.open.clear();
-        let mut taken: Vec<(u64, Conn)> = w.unacked.drain().collect();
+        match &mut w.child {
+            Some(child) if !w.ended => {
+                let _ = child.kill();
+            }
+            Some(_) => {}
+            None => self.requeue(slot),
+        }
+    }
+
+    /// A lost worker's unacknowledged connections go back to the front of
+    /// the queue, in the order they were accepted.
+    fn requeue(&mut self, slot: usize) {
+        let mut taken: Vec<(u64, Conn)> = self.workers[slot].unacked.drain().collect();
+        if taken.is_empty() {
+            return;
+        }
+        tracing::info!(pool = %self.name, worker = slot, count = taken.len(), "handing its unacknowledged connections to other workers");
         taken.sort_by_key(|(id, _)| std::cmp::Reverse(*id));
         for (_, conn) in taken {
             self.queue.push_front(conn);
         }
-        if !self.workers[slot].ended {
-            if let Some(child) = &mut self.workers[slot].child {
-                let _ = child.kill();
-            }
-        }
     }
 
-    /// A worker process exited: lost if it was not already, and started
-    /// again unless `draining`.
+    /// A worker process exited: lost if it was not already, its
+    /// unacknowledged connections handed on, and started again unless
+    /// `draining`.
     pub fn on_exit(&mut self, slot: usize, status: std::process::ExitStatus, draining: bool) {
         self.lose(slot, &format!("it exited ({status})"));
+        self.requeue(slot);
         let name = self.name.clone();
         let w = &mut self.workers[slot];
         w.child = None;
@@ -294,7 +306,10 @@ impl Pool {
                 peeked: conn.peeked.clone(),
             };
             let w = &mut self.workers[slot];
-            let Some(ch) = &w.channel else { continue };
+            let Some(ch) = &w.channel else {
+                self.queue.push_front(conn);
+                return;
+            };
             let sent = ch.send_timeout(
                 &delivery.encode(),
                 std::slice::from_ref(&conn.handle),
@@ -354,10 +369,5 @@ impl Pool {
 
     pub fn slots(&self) -> std::ops::Range<usize> {
         0..self.workers.len()
-    }
-
-    #[allow(dead_code)]
-    pub fn slot_of(&self, w: &Worker) -> usize {
-        w.slot
     }
 }
