@@ -5,7 +5,10 @@
 //! `s6-fdholder-retrieve` against `s6-fdholder-daemon` (for the CLI).
 //!
 //! A library round trip is `store(name, handle, replace)` then
-//! `retrieve(name)` on one connection. A CLI round trip is two processes
+//! `retrieve(name)` on one connection, the handle retrieved checked to be
+//! the one stored (same inode); measured with one client, and with
+//! `--clients` clients at once, each on its own connection and thread with
+//! its own name, as a daemon is loaded in use. A CLI round trip is two processes
 //! run one after the other: `handover put NAME --fd 0` then `handover get
 //! NAME --remove --stdin -- /bin/true`, against `s6-fdholder-store PATH
 //! NAME` then `s6-fdholder-retrieve -D PATH NAME /bin/true`: each stores
@@ -28,9 +31,12 @@ pub struct Args {
     /// Repetitions of every (case, subject); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
-    /// Timed round trips per library run.
+    /// Timed round trips per library run (shared by the clients).
     #[arg(long, default_value_t = 20_000)]
     pub round_trips: usize,
+    /// Concurrent library clients in the second library case.
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
     /// Timed round trips per CLI run (two processes each).
     #[arg(long, default_value_t = 300)]
     pub cli_round_trips: usize,
@@ -51,7 +57,7 @@ const LIBRARY_GOAL: f64 = 20_000.0;
 
 pub fn run(args: &Args) -> Result<()> {
     ensure!(
-        args.reps > 0 && args.round_trips > 0 && args.cli_round_trips > 0,
+        args.reps > 0 && args.round_trips > 0 && args.cli_round_trips > 0 && args.clients > 0,
         "counts must be at least 1"
     );
     let handover = crate::accept::supervisor::find_handover(args.handover.as_deref())?;
@@ -77,12 +83,15 @@ pub fn run(args: &Args) -> Result<()> {
 
     let cases = [
         report::Case {
-            name: "library store + retrieve (baseline: a bare channel, no holder)".into(),
+            name: "library store + retrieve, 1 client (baseline: a bare channel, no holder)".into(),
             unit: "rt/s",
             better: Better::Higher,
         },
         report::Case {
-            name: "library store + retrieve, 1 CPU (baseline: a bare channel, no holder)".into(),
+            name: format!(
+                "library store + retrieve, {} clients (baseline: {} bare channels)",
+                args.clients, args.clients
+            ),
             unit: "rt/s",
             better: Better::Higher,
         },
@@ -97,7 +106,7 @@ pub fn run(args: &Args) -> Result<()> {
     // the others repeat a figure there and that row is dropped below.
     let samples = vec![
         vec![all.channel, all.lib, all.lib_async],
-        vec![all.channel_1cpu, all.lib_1cpu.clone(), all.lib_1cpu],
+        vec![all.channels, all.lib_many.clone(), all.lib_many],
         vec![all.s6, all.cli.clone(), all.cli],
     ];
     let mut figures = report::figures(&cases, &subjects, &samples, |x| *x, "", |_| None);
@@ -112,13 +121,16 @@ pub fn run(args: &Args) -> Result<()> {
     );
     let notes = vec![
         format!(
-            "library: {} round trips per run on one connection (store with replace, then retrieve); \
-             the baseline sends the same two request/reply exchanges (a handle each way) over a bare \
-             channel to a thread that only answers",
-            args.round_trips
+            "library: {} round trips per run (store with replace, then retrieve, the handle back checked \
+             by inode), on one connection, or shared by {} clients each on its own connection and \
+             thread; the baseline sends the same two request/reply exchanges (a handle each way) over \
+             bare channels to threads that only answer; no CPU pinning",
+            args.round_trips, args.clients
         ),
         format!(
-            "CLI: {} round trips per run, each two processes one after the other; s6 is {}",
+            "CLI: {} round trips per run, each two processes one after the other, both storing \
+             /dev/null (stdin) and exec'ing /bin/true with it on stdin; handover and s6 run back to \
+             back in each repetition, each first in turn; s6 is {}",
             args.cli_round_trips,
             s6_version(&args.s6)
         ),
@@ -129,11 +141,11 @@ pub fn run(args: &Args) -> Result<()> {
         .iter()
         .find(|r| r.case == cases[0].name && r.subject == "handover")
         .context("library row")?;
-    let lib_1cpu_row = report
+    let lib_many_row = report
         .rows
         .iter()
         .find(|r| r.case == cases[1].name && r.subject == "handover")
-        .context("library row, 1 CPU")?;
+        .context("library row, several clients")?;
     let cli_row = report
         .rows
         .iter()
@@ -141,18 +153,21 @@ pub fn run(args: &Args) -> Result<()> {
         .context("CLI row")?;
     report.checks = vec![
         Check {
-            goal: format!("library round trips/s >= {LIBRARY_GOAL}"),
+            goal: format!(
+                "library round trips/s, {} clients >= {LIBRARY_GOAL}",
+                args.clients
+            ),
+            subject: "handover".into(),
+            value: lib_many_row.value,
+            limit: LIBRARY_GOAL,
+            met: lib_many_row.value >= LIBRARY_GOAL,
+        },
+        Check {
+            goal: format!("library round trips/s, 1 client >= {LIBRARY_GOAL}"),
             subject: "handover".into(),
             value: lib_row.value,
             limit: LIBRARY_GOAL,
             met: lib_row.value >= LIBRARY_GOAL,
-        },
-        Check {
-            goal: format!("library round trips/s, 1 CPU >= {LIBRARY_GOAL}"),
-            subject: "handover".into(),
-            value: lib_1cpu_row.value,
-            limit: LIBRARY_GOAL,
-            met: lib_1cpu_row.value >= LIBRARY_GOAL,
         },
         Check {
             goal: "CLI round trips/s >= 1.0 x s6".into(),
@@ -173,70 +188,35 @@ struct All {
     lib: Samples,
     lib_async: Samples,
     channel: Samples,
-    lib_1cpu: Samples,
-    channel_1cpu: Samples,
+    lib_many: Samples,
+    channels: Samples,
     cli: Samples,
     s6: Samples,
 }
 
 fn measure_all(args: &Args, handover: &Path, dir: &Path) -> Result<All> {
     let mut all = All::default();
-    let cpu = *allowed_cpus()?.first().context("no CPU")?;
+    let n = args.round_trips;
     for rep in 0..args.reps {
         eprintln!("holder: run {}/{}", rep + 1, args.reps);
         let holder = Daemon::handover(handover, &dir.join("h.sock"))?;
-        push(&mut all.lib, library(&holder.path, args.round_trips))?;
-        push(
-            &mut all.lib_async,
-            library_async(&holder.path, args.round_trips),
-        )?;
-        push(
-            &mut all.cli,
-            cli_handover(handover, &holder.path, args.cli_round_trips),
-        )?;
-        // Both ends on one CPU: each hop is a context switch instead of
-        // waking an idle virtual CPU, which compares the code paths.
-        holder.pin(cpu)?;
-        push(
-            &mut all.lib_1cpu,
-            pinned(cpu, || library(&holder.path, args.round_trips)),
-        )?;
-        drop(holder);
-        push(&mut all.channel, bare_channel(args.round_trips, None))?;
-        push(
-            &mut all.channel_1cpu,
-            bare_channel(args.round_trips, Some(cpu)),
-        )?;
-        let daemon = Daemon::s6(&args.s6, dir)?;
-        push(
-            &mut all.s6,
-            cli_s6(&args.s6, &daemon.path, args.cli_round_trips),
-        )?;
+        push(&mut all.lib, library(&holder.path, 1, n))?;
+        push(&mut all.lib_async, library_async(&holder.path, n))?;
+        push(&mut all.lib_many, library(&holder.path, args.clients, n))?;
+        push(&mut all.channel, bare_channel(1, n))?;
+        push(&mut all.channels, bare_channel(args.clients, n))?;
+        // The CLI against s6 back to back, each going first in turn.
+        let s6 = Daemon::s6(&args.s6, dir)?;
+        let m = args.cli_round_trips;
+        if rep % 2 == 0 {
+            push(&mut all.cli, cli_handover(handover, &holder.path, m))?;
+            push(&mut all.s6, cli_s6(&args.s6, &s6.path, m))?;
+        } else {
+            push(&mut all.s6, cli_s6(&args.s6, &s6.path, m))?;
+            push(&mut all.cli, cli_handover(handover, &holder.path, m))?;
+        }
     }
     Ok(all)
-}
-
-/// The CPUs this process may run on.
-fn allowed_cpus() -> Result<Vec<usize>> {
-    let set = rustix::thread::sched_getaffinity(None)?;
-    Ok((0..rustix::thread::CpuSet::MAX_CPU)
-        .filter(|&c| set.is_set(c))
-        .collect())
-}
-
-fn one_cpu(cpu: usize) -> rustix::thread::CpuSet {
-    let mut set = rustix::thread::CpuSet::new();
-    set.set(cpu);
-    set
-}
-
-/// Runs `f` with the calling thread pinned to `cpu`, then unpins it.
-fn pinned<T>(cpu: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let was = rustix::thread::sched_getaffinity(None)?;
-    rustix::thread::sched_setaffinity(None, &one_cpu(cpu)).context("sched_setaffinity")?;
-    let out = f();
-    rustix::thread::sched_setaffinity(None, &was)?;
-    out
 }
 
 fn push(v: &mut Samples, rate: Result<f64>) -> Result<()> {
@@ -254,20 +234,62 @@ fn pipe_handle() -> Result<(Handle, std::os::fd::OwnedFd)> {
     Ok((Handle::from(r), w))
 }
 
-fn library(path: &Path, n: usize) -> Result<f64> {
-    let mut c = Client::connect(path)?;
-    let (h, _w) = pipe_handle()?;
-    let opts = StoreOptions::new().replace(true);
-    for _ in 0..n / 10 {
-        c.store("bench", &h, opts.clone())?;
-        drop(c.retrieve("bench")?);
+/// `clients` threads, each with its own connection and name, sharing `n`
+/// round trips; the rate is all of them over the time the slowest took.
+fn library(path: &Path, clients: usize, n: usize) -> Result<f64> {
+    let per = n.div_ceil(clients);
+    let start = std::sync::Barrier::new(clients + 1);
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..clients)
+            .map(|i| {
+                let start = &start;
+                scope.spawn(move || -> Result<()> {
+                    let mut c = Client::connect(path)?;
+                    let (h, _w) = pipe_handle()?;
+                    let id = identity(&h)?;
+                    let name = format!("bench-{i}");
+                    let opts = StoreOptions::new().replace(true);
+                    let round_trip = || -> Result<()> {
+                        c.store(&name, &h, opts.clone())?;
+                        let back = c.retrieve(&name)?;
+                        ensure!(identity(&back)? == id, "retrieved another descriptor");
+                        Ok(())
+                    };
+                    warm_then_timed(per, start, round_trip)
+                })
+            })
+            .collect();
+        start.wait();
+        let started = Instant::now();
+        for t in threads {
+            t.join()
+                .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+        }
+        Ok(rate(per * clients, started.elapsed()))
+    })
+}
+
+/// A tenth of `per` round trips to warm up, then, once every thread is
+/// ready (`start`), `per` timed ones.
+fn warm_then_timed(
+    per: usize,
+    start: &std::sync::Barrier,
+    mut round_trip: impl FnMut() -> Result<()>,
+) -> Result<()> {
+    for _ in 0..per / 10 {
+        round_trip()?;
     }
-    let started = Instant::now();
-    for _ in 0..n {
-        c.store("bench", &h, opts.clone())?;
-        drop(c.retrieve("bench")?);
+    start.wait();
+    for _ in 0..per {
+        round_trip()?;
     }
-    Ok(rate(n, started.elapsed()))
+    Ok(())
+}
+
+/// What a descriptor refers to: (device, inode).
+fn identity(h: &Handle) -> Result<(u64, u64)> {
+    let st = rustix::fs::fstat(h).context("fstat")?;
+    Ok((st.st_dev, st.st_ino))
 }
 
 fn library_async(path: &Path, n: usize) -> Result<f64> {
@@ -277,69 +299,80 @@ fn library_async(path: &Path, n: usize) -> Result<f64> {
     rt.block_on(async {
         let mut c = AsyncClient::connect(path).await?;
         let (h, _w) = pipe_handle()?;
+        let id = identity(&h)?;
         let opts = StoreOptions::new().replace(true);
-        for _ in 0..n / 10 {
-            c.store("bench", &h, opts.clone()).await?;
-            drop(c.retrieve("bench").await?);
-        }
-        let started = Instant::now();
-        for _ in 0..n {
-            c.store("bench", &h, opts.clone()).await?;
-            drop(c.retrieve("bench").await?);
+        let mut started = Instant::now();
+        for i in 0..n + n / 10 {
+            if i == n / 10 {
+                started = Instant::now();
+            }
+            c.store("bench-async", &h, opts.clone()).await?;
+            let back = c.retrieve("bench-async").await?;
+            ensure!(identity(&back)? == id, "retrieved another descriptor");
         }
         Ok(rate(n, started.elapsed()))
     })
 }
 
-/// The floor: the same two exchanges over a bare channel to a thread that
-/// answers each request at once (a handle back for the second).
-fn bare_channel(n: usize, cpu: Option<usize>) -> Result<f64> {
-    let (client, server) = Channel::pair()?;
-    let answering = std::thread::spawn(move || -> Result<()> {
-        if let Some(cpu) = cpu {
-            rustix::thread::sched_setaffinity(None, &one_cpu(cpu))?;
+/// The floor: the same two exchanges over `pairs` bare channels, each to
+/// a thread that answers each request at once (a handle back for the
+/// second), the client checking it as the library runs do.
+fn bare_channel(pairs: usize, n: usize) -> Result<f64> {
+    let per = n.div_ceil(pairs);
+    let start = std::sync::Barrier::new(pairs + 1);
+    std::thread::scope(|scope| {
+        let mut answerers = Vec::new();
+        let mut clients = Vec::new();
+        for _ in 0..pairs {
+            let (client, server) = Channel::pair()?;
+            answerers.push(scope.spawn(move || -> Result<()> {
+                let mut kept: Option<Handle> = None;
+                while let Some(mut msg) = server.recv()? {
+                    if let Some(h) = msg.handles.pop() {
+                        kept = Some(h);
+                        server.send(b"{\"ok\":true}", &[])?;
+                    } else {
+                        let h = kept.as_ref().context("nothing kept")?;
+                        server.send(b"{\"ok\":true}", std::slice::from_ref(h))?;
+                    }
+                }
+                Ok(())
+            }));
+            let start = &start;
+            clients.push(scope.spawn(move || -> Result<()> {
+                let (h, _w) = pipe_handle()?;
+                let id = identity(&h)?;
+                let round_trip = || -> Result<()> {
+                    client.send(
+                        b"{\"op\":\"store\",\"name\":\"bench\",\"replace\":true}",
+                        std::slice::from_ref(&h),
+                    )?;
+                    client.recv()?.context("closed")?;
+                    client.send(b"{\"op\":\"retrieve\",\"names\":[\"bench\"]}", &[])?;
+                    let mut back = client.recv()?.context("closed")?;
+                    let back = back.handles.pop().context("no handle back")?;
+                    ensure!(identity(&back)? == id, "another descriptor came back");
+                    Ok(())
+                };
+                warm_then_timed(per, start, round_trip)
+            }));
         }
-        let mut kept: Option<Handle> = None;
-        while let Some(mut msg) = server.recv()? {
-            if let Some(h) = msg.handles.pop() {
-                kept = Some(h);
-                server.send(b"{\"ok\":true}", &[])?;
-            } else {
-                let h = kept.as_ref().context("nothing kept")?;
-                server.send(b"{\"ok\":true}", std::slice::from_ref(h))?;
-            }
+        start.wait();
+        let started = Instant::now();
+        let joined = |t: std::thread::ScopedJoinHandle<'_, Result<()>>| {
+            t.join()
+                .map_err(|_| anyhow::anyhow!("a bare-channel thread panicked"))?
+        };
+        for t in clients {
+            joined(t)?;
         }
-        Ok(())
-    });
-    let (h, _w) = pipe_handle()?;
-    let was = rustix::thread::sched_getaffinity(None)?;
-    if let Some(cpu) = cpu {
-        rustix::thread::sched_setaffinity(None, &one_cpu(cpu))?;
-    }
-    let round_trip = || -> Result<()> {
-        client.send(
-            b"{\"op\":\"store\",\"name\":\"bench\",\"replace\":true}",
-            std::slice::from_ref(&h),
-        )?;
-        client.recv()?.context("closed")?;
-        client.send(b"{\"op\":\"retrieve\",\"names\":[\"bench\"]}", &[])?;
-        drop(client.recv()?.context("closed")?);
-        Ok(())
-    };
-    for _ in 0..n / 10 {
-        round_trip()?;
-    }
-    let started = Instant::now();
-    for _ in 0..n {
-        round_trip()?;
-    }
-    let took = started.elapsed();
-    rustix::thread::sched_setaffinity(None, &was)?;
-    drop(client);
-    answering
-        .join()
-        .map_err(|_| anyhow::anyhow!("the answering thread panicked"))??;
-    Ok(rate(n, took))
+        let took = started.elapsed();
+        // Each client's end closed when its thread ended, ending its answerer.
+        for t in answerers {
+            joined(t)?;
+        }
+        Ok(rate(per * pairs, took))
+    })
 }
 
 fn run_quiet(cmd: &mut Command) -> Result<()> {
@@ -444,12 +477,6 @@ impl Daemon {
             .spawn()
             .context("starting s6-fdholder-daemon")?;
         Daemon::ready(child, path)
-    }
-
-    /// Pins the daemon's main thread (which runs its event loop) to `cpu`.
-    fn pin(&self, cpu: usize) -> Result<()> {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).context("pid")?;
-        rustix::thread::sched_setaffinity(Some(pid), &one_cpu(cpu)).context("pinning the holder")
     }
 
     fn ready(child: Child, path: PathBuf) -> Result<Daemon> {
