@@ -17,9 +17,18 @@
 //! benchmark's large responses); `--stall-after N` stops taking
 //! connections after N of them (but keeps the channel open), as a worker
 //! that hangs would — a test then kills it and checks nothing is lost;
-//! `--delay-ready SECS` waits before asking for the first connection.
+//! `--delay-ready SECS` waits before asking for the first connection;
+//! `--log-connections` prints `dispatch_worker: pool P took connection ID
+//! listener L peeked K first-bytes-match yes|no` to stderr for each
+//! connection, after reading its first K bytes and comparing them with
+//! the K bytes the dispatcher peeked (they must be the same: peeking
+//! consumes nothing).
+//!
+//! A connection that starts with a TLS record (0x16) is not HTTP: it is
+//! answered with the plain line above and closed, so that TLS clients
+//! (routed by SNI) end at once instead of waiting for a handshake.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +39,7 @@ fn main() {
     let mut body_bytes: Option<usize> = None;
     let mut stall_after: Option<usize> = None;
     let mut delay_ready = 0.0f64;
+    let mut log = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut number = || args.next().and_then(|v| v.parse::<f64>().ok());
@@ -37,6 +47,7 @@ fn main() {
             "--body-bytes" => body_bytes = number().map(|n| n as usize),
             "--stall-after" => stall_after = number().map(|n| n as usize),
             "--delay-ready" => delay_ready = number().unwrap_or(0.0),
+            "--log-connections" => log = true,
             other => fail(&format!("unknown argument {other:?}")),
         }
     }
@@ -65,11 +76,15 @@ fn main() {
         };
         let (who, body, served) = (Arc::clone(&who), Arc::clone(&body), Arc::clone(&served));
         threads.push(std::thread::spawn(move || {
-            serve(conn, &who, body.as_deref(), &served)
+            serve(conn, &who, body.as_deref(), &served, log)
         }));
         threads.retain(|t| !t.is_finished());
         if stall_after.is_some_and(|n| taken + 1 >= n) {
-            eprintln!("dispatch_worker: stalling after {} connections", taken + 1);
+            say(&format!(
+                "dispatch_worker: pid {} stalling after {} connections\n",
+                std::process::id(),
+                taken + 1
+            ));
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }
@@ -81,13 +96,58 @@ fn main() {
     }
 }
 
-fn serve(conn: Connection, who: &str, body: Option<&[u8]>, served: &AtomicUsize) {
+/// The connection, read from its first byte: the first bytes already
+/// read (to compare them with the peeked ones) come first.
+struct Reread {
+    first: Vec<u8>,
+    at: usize,
+    conn: Connection,
+}
+
+impl Read for Reread {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.at < self.first.len() {
+            let n = buf.len().min(self.first.len() - self.at);
+            buf[..n].copy_from_slice(&self.first[self.at..self.at + n]);
+            self.at += n;
+            return Ok(n);
+        }
+        self.conn.read(buf)
+    }
+}
+
+/// One line to stderr in one write, so that lines of several processes
+/// sharing the stream do not interleave.
+fn say(line: &str) {
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
+fn serve(mut conn: Connection, who: &str, body: Option<&[u8]>, served: &AtomicUsize, log: bool) {
     let label = format!(
         "{who} listener {} peeked {}\n",
         conn.listener(),
         conn.peeked().len()
     );
-    let mut reader = BufReader::new(conn);
+    // The peeked bytes are still unread on the socket: reading as many
+    // gives the same bytes (they are in the socket's buffer already).
+    let mut first = vec![0u8; conn.peeked().len()];
+    let same = conn.read_exact(&mut first).is_ok() && first == conn.peeked();
+    if log {
+        say(&format!(
+            "dispatch_worker: pool {} took connection {} listener {} peeked {} first-bytes-match {}\n",
+            std::env::var("HANDOVER_POOL").unwrap_or_default(),
+            conn.id(),
+            conn.listener(),
+            conn.peeked().len(),
+            if same { "yes" } else { "no" }
+        ));
+    }
+    if first.first() == Some(&0x16) {
+        // A TLS ClientHello: not ours to answer with HTTP.
+        let _ = conn.write_all(label.as_bytes());
+        return;
+    }
+    let mut reader = BufReader::new(Reread { first, at: 0, conn });
     loop {
         // The request head; the body of a request is not expected.
         let mut line = String::new();
@@ -112,7 +172,7 @@ fn serve(conn: Connection, who: &str, body: Option<&[u8]>, served: &AtomicUsize)
             }
         }
         let n = served.fetch_add(1, Ordering::Relaxed) + 1;
-        let conn = reader.get_mut();
+        let conn = &mut reader.get_mut().conn;
         let payload: &[u8] = body.unwrap_or(label.as_bytes());
         let head = format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Served: {n}\r\n{}\r\n",
