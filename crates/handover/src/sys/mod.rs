@@ -36,6 +36,14 @@ pub(crate) use windows_spawn::{
     spawn_child, wait_child, ExitWatch, Spawned,
 };
 #[cfg(unix)]
+mod unix_pull;
+#[cfg(unix)]
+pub(crate) use unix_pull::pull;
+#[cfg(windows)]
+mod windows_pull;
+#[cfg(windows)]
+pub(crate) use windows_pull::pull;
+#[cfg(unix)]
 mod unix_shm;
 #[cfg(unix)]
 pub(crate) use unix_shm::{create_shared_memory, map_shared_memory, shared_memory_len, View};

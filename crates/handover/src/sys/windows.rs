@@ -121,7 +121,7 @@ fn wsa_error() -> io::Error {
     io::Error::from_raw_os_error(unsafe { WSAGetLastError() })
 }
 
-fn sockopt_int(s: &OwnedSocket, opt: i32) -> io::Result<i32> {
+pub(crate) fn sockopt_int(s: &OwnedSocket, opt: i32) -> io::Result<i32> {
     let mut value: i32 = 0;
     let mut len = std::mem::size_of::<i32>() as i32;
     // SAFETY: the socket is open for the call; the out-pointers refer to a
