@@ -19,10 +19,11 @@
 //! that hangs would — a test then kills it and checks nothing is lost;
 //! `--delay-ready SECS` waits before asking for the first connection;
 //! `--log-connections` prints `dispatch_worker: pool P took connection ID
-//! listener L peeked K first-bytes-match yes|no` to stderr for each
-//! connection, after reading its first K bytes and comparing them with
-//! the K bytes the dispatcher peeked (they must be the same: peeking
-//! consumes nothing).
+//! listener L peeked K first-bytes-match yes|no rcvlowat R` to stderr for
+//! each connection, after reading its first K bytes and comparing them
+//! with the K bytes the dispatcher peeked (they must be the same: peeking
+//! consumes nothing); R is the socket's SO_RCVLOWAT (1 unless the
+//! dispatcher left it changed).
 //!
 //! A connection that starts with a TLS record (0x16) is not HTTP: it is
 //! answered with the plain line above and closed, so that TLS clients
@@ -122,6 +123,34 @@ fn say(line: &str) {
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
+/// The socket's SO_RCVLOWAT, or -1 if it cannot be read.
+fn rcvlowat(stream: &handover::dispatch::Stream) -> i32 {
+    use std::os::fd::{AsRawFd, RawFd};
+    let fd: RawFd = match stream {
+        handover::dispatch::Stream::Tcp(s) => s.as_raw_fd(),
+        #[cfg(unix)]
+        handover::dispatch::Stream::Unix(s) => s.as_raw_fd(),
+    };
+    let mut value: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt on the connection's open descriptor, into one
+    // c_int of the length given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        value
+    } else {
+        -1
+    }
+}
+
 fn serve(mut conn: Connection, who: &str, body: Option<&[u8]>, served: &AtomicUsize, log: bool) {
     let label = format!(
         "{who} listener {} peeked {}\n",
@@ -134,12 +163,13 @@ fn serve(mut conn: Connection, who: &str, body: Option<&[u8]>, served: &AtomicUs
     let same = conn.read_exact(&mut first).is_ok() && first == conn.peeked();
     if log {
         say(&format!(
-            "dispatch_worker: pool {} took connection {} listener {} peeked {} first-bytes-match {}\n",
+            "dispatch_worker: pool {} took connection {} listener {} peeked {} first-bytes-match {} rcvlowat {}\n",
             std::env::var("HANDOVER_POOL").unwrap_or_default(),
             conn.id(),
             conn.listener(),
             conn.peeked().len(),
-            if same { "yes" } else { "no" }
+            if same { "yes" } else { "no" },
+            rcvlowat(conn.stream()),
         ));
     }
     if first.first() == Some(&0x16) {

@@ -386,7 +386,12 @@ fn took_by(h: &Running, client: impl FnOnce()) -> Took {
         .unwrap_or_else(|| panic!("a torn log line?\n{}", h.report()));
     let w: Vec<&str> = line.split_whitespace().collect();
     match w[..] {
-        ["dispatch_worker:", "pool", pool, "took", "connection", _, "listener", _, "peeked", k, "first-bytes-match", m] => {
+        ["dispatch_worker:", "pool", pool, "took", "connection", _, "listener", _, "peeked", k, "first-bytes-match", m, "rcvlowat", r] =>
+        {
+            // Whatever the dispatcher did to wait for more bytes, the
+            // worker gets the socket as accepted: SO_RCVLOWAT 1, so that
+            // reads return what there is.
+            assert_eq!(r, "1", "SO_RCVLOWAT left changed: {line}");
             Took {
                 pool: pool.to_owned(),
                 peeked: k.parse().unwrap(),
@@ -832,5 +837,85 @@ fn the_dispatchers_descriptors_return_to_baseline_after_two_thousand_connections
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    h.stop();
+}
+
+/// CPU time (user + system) process `pid` has used so far.
+fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of stat(5); fields[0] is 3.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// A client that sent part of a request head and waits is peeked again
+/// only when more bytes come (or its peer closes): the dispatcher does not
+/// spin on bytes it has already seen. Then the rest of the head routes it;
+/// and one that closes after half a head goes to the default pool.
+#[test]
+fn a_client_that_sends_half_a_head_does_not_make_the_dispatcher_spin() {
+    let dir = TempDir::new("dispatch-halfhead");
+    let routes = dir.join("routes.toml");
+    std::fs::write(&routes, ROUTES.replace("300ms", "1s")).unwrap();
+    let (mut h, addr) = start(
+        &dir.join("ctl"),
+        &["--workers", "1", "--routes", routes.to_str().unwrap()],
+        &worker(&["--log-connections"]),
+    );
+    wait_log(&h, "every worker is ready", 1);
+    let dispatcher = dispatcher_pid(&h, 1);
+
+    // Half a head, then nothing until the peek times out (1s): the
+    // dispatcher waits without using the CPU meanwhile (a loop re-peeking
+    // the same bytes uses all of it).
+    let mut slow = connect(addr);
+    let cpu = cpu_time(dispatcher);
+    let took = took_by(&h, || slow.write_all(b"GET / HTTP/1.1\r\nHo").unwrap());
+    let used = cpu_time(dispatcher) - cpu;
+    assert_eq!(
+        (took.pool.as_str(), took.peeked),
+        ("default", 18),
+        "{took:?}"
+    );
+    assert!(
+        used < Duration::from_millis(300),
+        "the dispatcher used {used:?} of CPU waiting for one client's next bytes\n{}",
+        h.report()
+    );
+    drop(slow);
+
+    // Half a head, then the rest: routed by the whole head.
+    let took = took_by(&h, || {
+        let mut s = connect(addr);
+        s.write_all(b"GET / HTTP/1.1\r\nHo").unwrap();
+        // The first part is peeked before the rest comes (or not: either
+        // way the whole head decides).
+        std::thread::sleep(Duration::from_millis(50));
+        s.write_all(b"st: api.example.com\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let a = Answer::from_response(&read_all(s)).unwrap();
+        assert_eq!(a.pool, "api", "{a:?}");
+    });
+    assert!(took.first_bytes_match, "{took:?}");
+
+    // Half a head, then the client closes: the default pool.
+    let took = took_by(&h, || {
+        let mut s = connect(addr);
+        s.write_all(b"GET / HTTP/1.1\r\nHo").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    assert_eq!(
+        (took.pool.as_str(), took.peeked),
+        ("default", 18),
+        "{took:?}"
+    );
     h.stop();
 }

@@ -17,10 +17,10 @@ mod routes;
 
 use std::ffi::OsString;
 use std::net::TcpListener;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -81,6 +81,50 @@ struct Listening {
 struct Peeking {
     conn: Conn,
     deadline: Instant,
+    /// A TCP connection: once bytes are peeked, its SO_RCVLOWAT is raised
+    /// above them, so that poll wakes only for more bytes or the peer's
+    /// close, not again and again for the same ones.
+    tcp: bool,
+    /// SO_RCVLOWAT was raised: it is put back before a worker gets it.
+    lowat: bool,
+    /// A Unix connection woken with nothing new (its poll ignores
+    /// SO_RCVLOWAT): not polled again before this.
+    quiet_until: Option<Instant>,
+}
+
+/// How often a Unix connection with part of a head is peeked again.
+const UNIX_REPEEK: Duration = Duration::from_millis(10);
+
+impl Peeking {
+    /// The connection, its SO_RCVLOWAT back to 1 for the worker's reads.
+    fn into_conn(self) -> Conn {
+        if self.lowat {
+            if let Err(e) = set_rcvlowat(&self.conn.handle, 1) {
+                tracing::warn!(error = %e, "resetting SO_RCVLOWAT");
+            }
+        }
+        self.conn
+    }
+}
+
+/// Sets SO_RCVLOWAT: readable (for poll, on TCP) once this many bytes are.
+fn set_rcvlowat(socket: &impl AsFd, bytes: usize) -> std::io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt on an open descriptor, reading one c_int.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 struct Dispatcher {
@@ -198,7 +242,11 @@ impl Dispatcher {
 
     fn step(&mut self) -> Result<()> {
         let accepting = !self.draining && self.waiting() < MAX_WAITING;
-        let mut deadline = self.peeking.iter().map(|p| p.deadline).min();
+        let mut deadline = self
+            .peeking
+            .iter()
+            .map(|p| p.quiet_until.map_or(p.deadline, |q| q.min(p.deadline)))
+            .min();
         for p in &self.pools {
             deadline = match (deadline, p.next_restart()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -216,11 +264,14 @@ impl Dispatcher {
                 );
             }
             let peek_at = fds.len();
-            fds.extend(
-                self.peeking
-                    .iter()
-                    .map(|p| PollFd::new(&p.conn.handle, PollFlags::IN)),
-            );
+            let now = Instant::now();
+            let mut peekers = Vec::new();
+            for (i, p) in self.peeking.iter().enumerate() {
+                if p.quiet_until.is_none_or(|t| t <= now) {
+                    fds.push(PollFd::new(&p.conn.handle, PollFlags::IN));
+                    peekers.push(i);
+                }
+            }
             let worker_at = fds.len();
             let mut owners = Vec::new();
             for (pi, pool) in self.pools.iter().enumerate() {
@@ -250,7 +301,7 @@ impl Dispatcher {
                     .collect::<Vec<_>>(),
                 (peek_at..worker_at)
                     .filter(|&i| hit(&fds[i]))
-                    .map(|i| i - peek_at)
+                    .map(|i| peekers[i - peek_at])
                     .collect::<Vec<_>>(),
                 (worker_at..fds.len())
                     .filter(|&i| hit(&fds[i]))
@@ -307,7 +358,7 @@ impl Dispatcher {
                 self.listeners.clear();
                 // Connections not routed yet go to the default pool.
                 for p in std::mem::take(&mut self.peeking) {
-                    self.pools[0].queue.push_back(p.conn);
+                    self.pools[0].queue.push_back(p.into_conn());
                 }
             }
             libc::SIGPIPE | libc::SIGHUP => {}
@@ -354,6 +405,9 @@ impl Dispatcher {
                 self.peeking.push(Peeking {
                     conn,
                     deadline: Instant::now() + self.routes.peek_timeout,
+                    tcp: matches!(l.socket, Listener::Tcp(_)),
+                    lowat: false,
+                    quiet_until: None,
                 });
             } else {
                 self.pools[0].queue.push_back(conn);
@@ -370,13 +424,24 @@ impl Dispatcher {
         let mut buf = vec![0u8; self.routes.peek_limit];
         for (index, mut p) in std::mem::take(&mut self.peeking).into_iter().enumerate() {
             let mut full = p.deadline <= now;
-            if readable.binary_search(&index).is_ok() {
+            let due = p.quiet_until.is_some_and(|t| t <= now);
+            if due || readable.binary_search(&index).is_ok() {
+                p.quiet_until = None;
                 let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
                 match rustix::net::recv(&p.conn.handle, &mut buf, flags) {
                     Ok((n, _)) => {
                         // 0: the client closed before saying anything; the
                         // default pool's worker sees that for itself.
                         full |= n == 0 || n >= buf.len();
+                        if n == p.conn.peeked.len() {
+                            if p.lowat {
+                                // Woken with nothing new past SO_RCVLOWAT:
+                                // the peer closed; no more will come.
+                                full = true;
+                            } else if !p.tcp {
+                                p.quiet_until = Some(now + UNIX_REPEEK);
+                            }
+                        }
                         p.conn.peeked = buf[..n].to_vec();
                     }
                     Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
@@ -384,8 +449,14 @@ impl Dispatcher {
                 }
             }
             match self.routes.decide(&p.conn.peeked, full) {
-                Verdict::Wait => self.peeking.push(p),
-                Verdict::Pool(pool) => self.pools[pool].queue.push_back(p.conn),
+                Verdict::Wait => {
+                    if p.tcp {
+                        let more = p.conn.peeked.len() + 1;
+                        p.lowat = set_rcvlowat(&p.conn.handle, more).is_ok() || p.lowat;
+                    }
+                    self.peeking.push(p)
+                }
+                Verdict::Pool(pool) => self.pools[pool].queue.push_back(p.into_conn()),
             }
         }
     }
