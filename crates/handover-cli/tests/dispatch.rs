@@ -292,27 +292,33 @@ fn four_workers_serve_four_thousand_connections_round_robin() {
     thousands_of_connections("round-robin");
 }
 
+/// Worker 0, the first time only (the directory $1 is made then), stops
+/// taking connections after 3: round-robin keeps handing it its share,
+/// which it leaves unacknowledged.
+const STALL_ONCE: &str = r#"if [ "$HANDOVER_WORKER" = 0 ] && mkdir "$1" 2>/dev/null; then exec "$0" --stall-after 3; fi; exec "$0""#;
+
+/// The pid of the worker that said it stalls.
+fn stalled_pid(h: &Running) -> i32 {
+    wait_log(h, "stalling after", 1)
+        .lines()
+        .find_map(|l| l.strip_prefix("dispatch_worker: pid "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .expect("the stalled worker's pid")
+}
+
 #[test]
 fn a_hung_worker_killed_mid_load_loses_no_connection_and_is_restarted() {
     let dir = TempDir::new("dispatch-hung");
     let ctl = dir.join("ctl");
     let mark = dir.join("stalled");
-    // Worker 0, the first time only, stops taking connections after 3:
-    // round-robin keeps handing it every fourth one, unacknowledged.
-    let script = r#"if [ "$HANDOVER_WORKER" = 0 ] && mkdir "$1" 2>/dev/null; then exec "$0" --stall-after 3; fi; exec "$0""#;
     let (mut h, addr) = start(
         &ctl,
         &["--workers", "4", "--dispatch", "round-robin"],
-        &worker_via_sh(script, &[&mark]),
+        &worker_via_sh(STALL_ONCE, &[&mark]),
     );
     let load = Load::start(addr, 8, None, "t");
-    let err = wait_log(&h, "stalling after", 1);
-    let hung: i32 = err
-        .lines()
-        .find_map(|l| l.strip_prefix("dispatch_worker: pid "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .expect("the stalled worker's pid");
+    let hung = stalled_pid(&h);
     // Clients stuck on connections the hung worker holds unacknowledged
     // (the others are answered in milliseconds).
     wait_for("clients waiting on the hung worker", TIMEOUT, || {
@@ -916,6 +922,49 @@ fn a_client_that_sends_half_a_head_does_not_make_the_dispatcher_spin() {
         (took.pool.as_str(), took.peeked),
         ("default", 18),
         "{took:?}"
+    );
+    h.stop();
+}
+
+/// A reload while a hung worker holds connections unacknowledged: the old
+/// dispatcher drains, the hung worker is killed, and what it held is
+/// still served (by a worker of the old generation started for them),
+/// not dropped with the old dispatcher.
+#[test]
+fn a_hung_worker_killed_while_its_generation_drains_loses_no_connection() {
+    let dir = TempDir::new("dispatch-hung-drain");
+    let ctl = dir.join("ctl");
+    let mark = dir.join("stalled");
+    let (mut h, addr) = start(
+        &ctl,
+        &["--workers", "2", "--dispatch", "round-robin"],
+        &worker_via_sh(STALL_ONCE, &[&mark]),
+    );
+    let load = Load::start(addr, 4, None, "t");
+    let hung = stalled_pid(&h);
+    wait_for("clients waiting on the hung worker", TIMEOUT, || {
+        (load.waiting_longer_than(Duration::from_secs(1)) >= 1).then_some(())
+    });
+    let out = run_with_timeout(
+        handover(["reload", "--control"]).arg(&ctl),
+        Duration::from_secs(40),
+    );
+    assert!(out.status.success(), "{out:?}\n{}", h.report());
+    wait_log(&h, "draining: no more accepts", 1);
+    // SAFETY: kill(2) on a worker process of this test's handover.
+    assert_eq!(unsafe { libc::kill(hung, libc::SIGKILL) }, 0);
+    wait_log(&h, "handing its unacknowledged connections", 1);
+    wait_for("the old dispatcher to finish", TIMEOUT, || {
+        (!process_alive(dispatcher_pid(&h, 1))).then_some(())
+    });
+    let answers = load.finish(&h);
+    assert!(answers.iter().any(|a| a.generation == 2), "{}", h.report());
+    assert!(
+        answers
+            .iter()
+            .any(|a| a.generation == 1 && a.worker == 0 && a.pid != hung as u32),
+        "the hung worker's connections were served by its successor\n{}",
+        h.report()
     );
     h.stop();
 }

@@ -322,7 +322,7 @@ impl Dispatcher {
         self.peek(&peek_ready);
         let now = Instant::now();
         for pool in &mut self.pools {
-            if !self.draining {
+            if !self.draining || !pool.queue.is_empty() {
                 pool.restart_due(now);
             }
             pool.deliver(&mut self.next_id);

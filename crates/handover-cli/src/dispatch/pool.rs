@@ -265,9 +265,13 @@ impl Pool {
         self.lose(slot, &format!("it exited ({status})"));
         self.requeue(slot);
         let name = self.name.clone();
+        let stranded = !self.queue.is_empty();
         let w = &mut self.workers[slot];
         w.child = None;
-        if draining || w.ended {
+        // Draining, a worker is started again only for connections left
+        // waiting (a dead worker's unacknowledged ones): the others may
+        // all be ended already, and none may be dropped.
+        if (draining && !stranded) || w.ended {
             tracing::info!(pool = %name, worker = slot, pid = w.pid, %status, "worker exited");
             return;
         }
@@ -359,8 +363,9 @@ impl Pool {
         }
     }
 
+    /// Every worker has exited and no connection waits for one.
     pub fn all_exited(&self) -> bool {
-        self.workers.iter().all(|w| w.child.is_none())
+        self.queue.is_empty() && self.workers.iter().all(|w| w.child.is_none())
     }
 
     pub fn pending(&self) -> usize {
