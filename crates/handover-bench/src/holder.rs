@@ -100,6 +100,12 @@ pub fn run(args: &Args) -> Result<()> {
             unit: "rt/s",
             better: Better::Higher,
         },
+        report::Case {
+            name: "CLI put + get --remove, CPU time of the two processes (baseline: s6's two)"
+                .into(),
+            unit: "us",
+            better: Better::Lower,
+        },
     ];
     let subjects = ["baseline", "handover", "handover async"];
     // samples[case][subject]; only the first case has an async subject:
@@ -108,6 +114,7 @@ pub fn run(args: &Args) -> Result<()> {
         vec![all.channel, all.lib, all.lib_async],
         vec![all.channels, all.lib_many.clone(), all.lib_many],
         vec![all.s6, all.cli.clone(), all.cli],
+        vec![all.s6_cpu, all.cli_cpu.clone(), all.cli_cpu],
     ];
     let mut figures = report::figures(&cases, &subjects, &samples, |x| *x, "", |_| None);
     figures.retain(|f| f.subject != "handover async" || f.case == cases[0].name);
@@ -192,6 +199,9 @@ struct All {
     channels: Samples,
     cli: Samples,
     s6: Samples,
+    /// CPU time (user + system) of the CLI's processes per round trip, us.
+    cli_cpu: Samples,
+    s6_cpu: Samples,
 }
 
 fn measure_all(args: &Args, handover: &Path, dir: &Path) -> Result<All> {
@@ -208,12 +218,20 @@ fn measure_all(args: &Args, handover: &Path, dir: &Path) -> Result<All> {
         // The CLI against s6 back to back, each going first in turn.
         let s6 = Daemon::s6(&args.s6, dir)?;
         let m = args.cli_round_trips;
+        let mut handover_cli = || -> Result<()> {
+            let (rate, cpu) = cli_handover(handover, &holder.path, m)?;
+            all.cli.push(rate);
+            all.cli_cpu.push(cpu);
+            Ok(())
+        };
         if rep % 2 == 0 {
-            push(&mut all.cli, cli_handover(handover, &holder.path, m))?;
-            push(&mut all.s6, cli_s6(&args.s6, &s6.path, m))?;
-        } else {
-            push(&mut all.s6, cli_s6(&args.s6, &s6.path, m))?;
-            push(&mut all.cli, cli_handover(handover, &holder.path, m))?;
+            handover_cli()?;
+        }
+        let (rate, cpu) = cli_s6(&args.s6, &s6.path, m)?;
+        all.s6.push(rate);
+        all.s6_cpu.push(cpu);
+        if rep % 2 == 1 {
+            handover_cli()?;
         }
     }
     Ok(all)
@@ -388,7 +406,41 @@ fn run_quiet(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn cli_handover(bin: &Path, socket: &Path, n: usize) -> Result<f64> {
+/// CPU time (user + system) used so far by this process's waited-for
+/// children, in microseconds (cutime + cstime of /proc/self/stat, in clock
+/// ticks: 10 ms at 100 Hz, under 2 % of a run's total).
+fn children_cpu_us() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // The fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').context("/proc/self/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 16 and 17 of proc(5), counted from the state (field 3).
+    let ticks = |i: usize| -> Result<f64> {
+        Ok(fields
+            .get(i - 3)
+            .context("/proc/self/stat")?
+            .parse::<f64>()?)
+    };
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    Ok((ticks(16)? + ticks(17)?) / hz * 1e6)
+}
+
+/// Runs `one` `n` times after a tenth as many to warm up: (round trips per
+/// second, CPU microseconds of its processes per round trip).
+fn timed_cli(n: usize, one: impl Fn() -> Result<()>) -> Result<(f64, f64)> {
+    for _ in 0..n / 10 {
+        one()?;
+    }
+    let cpu = children_cpu_us()?;
+    let started = Instant::now();
+    for _ in 0..n {
+        one()?;
+    }
+    let took = started.elapsed();
+    Ok((rate(n, took), (children_cpu_us()? - cpu) / n as f64))
+}
+
+fn cli_handover(bin: &Path, socket: &Path, n: usize) -> Result<(f64, f64)> {
     let one = || -> Result<()> {
         run_quiet(
             Command::new(bin)
@@ -402,17 +454,10 @@ fn cli_handover(bin: &Path, socket: &Path, n: usize) -> Result<f64> {
                 .args(["--", TRUE]),
         )
     };
-    for _ in 0..n / 10 {
-        one()?;
-    }
-    let started = Instant::now();
-    for _ in 0..n {
-        one()?;
-    }
-    Ok(rate(n, started.elapsed()))
+    timed_cli(n, one)
 }
 
-fn cli_s6(s6: &Path, socket: &Path, n: usize) -> Result<f64> {
+fn cli_s6(s6: &Path, socket: &Path, n: usize) -> Result<(f64, f64)> {
     let one = || -> Result<()> {
         run_quiet(
             Command::new(s6.join("s6-fdholder-store"))
@@ -426,14 +471,7 @@ fn cli_s6(s6: &Path, socket: &Path, n: usize) -> Result<f64> {
                 .args(["bench", TRUE]),
         )
     };
-    for _ in 0..n / 10 {
-        one()?;
-    }
-    let started = Instant::now();
-    for _ in 0..n {
-        one()?;
-    }
-    Ok(rate(n, started.elapsed()))
+    timed_cli(n, one)
 }
 
 /// A holder daemon for one run, stopped when dropped.
