@@ -7,10 +7,12 @@
 //! cargo build --release -p handover-cli && cargo run --release -p handover-bench -- accept [--json]
 //! cargo build --release -p handover-cli && cargo run --release -p handover-bench -- restart [--json]
 //! cargo build --release -p handover-cli && cargo run --release -p handover-bench -- holder [--json]
+//! cargo build --release -p handover-cli && cargo run --release -p handover-bench -- dispatch [--json]
 //! ```
 
 mod accept;
 mod channel;
+mod dispatch;
 mod holder;
 mod report;
 mod restart;
@@ -47,6 +49,11 @@ enum Scenario {
     /// Needs target/release/handover (`cargo build --release -p
     /// handover-cli`).
     Holder(holder::Args),
+    /// Short requests/s and p99 through `handover run --workers N` against
+    /// SO_REUSEPORT workers and a single process, and 10 MiB responses
+    /// against a byte-copying proxy. Needs target/release/handover
+    /// (`cargo build --release -p handover-cli`).
+    Dispatch(dispatch::Args),
 }
 
 fn main() -> Result<()> {
@@ -57,6 +64,7 @@ fn main() -> Result<()> {
         Scenario::Accept(args) => accept::run(args),
         Scenario::Restart(args) => restart::run(args),
         Scenario::Holder(args) => holder::run(args),
+        Scenario::Dispatch(args) => dispatch::run(args),
     }
 }
 

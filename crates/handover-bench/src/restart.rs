@@ -23,16 +23,16 @@
 //! The report compares latency percentiles during the windows with the
 //! steady state's, and counts failed requests.
 
-mod load;
-mod server;
-mod stats;
+pub(crate) mod load;
+pub(crate) mod server;
+pub(crate) mod stats;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::report::{self, Better, Check, Figure, OutputArgs, Report};
 use load::Shared;
@@ -179,39 +179,8 @@ fn measure(subject: Subject, bin: &std::path::Path, args: &Args, port: u16) -> R
         stop: AtomicBool::new(false),
         latest_pid: AtomicU32::new(pid),
     };
-    let (driven, requests) = thread::scope(|s| {
-        let mut clients = Vec::with_capacity(args.clients);
-        let mut spawned = Ok(());
-        for i in 0..args.clients {
-            let shared = &shared;
-            match thread::Builder::new()
-                .name(format!("client-{i}"))
-                .spawn_scoped(s, move || load::client(shared))
-            {
-                Ok(c) => clients.push(c),
-                Err(e) => {
-                    spawned = Err(anyhow!(e).context("starting a client thread"));
-                    break;
-                }
-            }
-        }
-        let driven =
-            spawned.and_then(|()| drive(subject, bin, &listen, &mut server, pid, &shared, args));
-        shared.stop.store(true, Ordering::Relaxed);
-        let mut requests = Vec::new();
-        let mut panicked = false;
-        for c in clients {
-            match c.join() {
-                Ok(r) => requests.extend(r),
-                Err(_) => panicked = true,
-            }
-        }
-        let driven = if panicked {
-            driven.and(Err(anyhow!("a client thread panicked")))
-        } else {
-            driven
-        };
-        (driven, requests)
+    let (driven, requests) = load::run_clients(&shared, args.clients, load::client, || {
+        drive(subject, bin, &listen, &mut server, pid, &shared, args)
     });
     let (steady, reloads) = driven?;
     // The last server is stopped cleanly: an error if it will not.
@@ -609,7 +578,7 @@ fn write_records(path: &std::path::Path, runs: &[Run]) -> Result<()> {
 }
 
 /// The 1-minute load average, as /proc/loadavg has it.
-fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| l.split_whitespace().next().map(str::to_owned))

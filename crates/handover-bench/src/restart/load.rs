@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use anyhow::{anyhow, Result};
+
 use super::stats::{Outcome, Request};
 
 /// How long a request may take, connect and answer each, before it counts
@@ -21,7 +23,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// restarting server needs.
 pub const RETRY_DELAY: Duration = Duration::from_millis(1);
 
-const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: handover-bench\r\nConnection: close\r\n\r\n";
+pub const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: handover-bench\r\nConnection: close\r\n\r\n";
 
 /// What the clients share with the thread that drives the run.
 pub struct Shared {
@@ -39,8 +41,61 @@ impl Shared {
     }
 }
 
+/// Runs `clients` threads, each `client(shared)`, while `drive` runs on
+/// this one; then stops them and gathers every request they made. A
+/// client thread that could not start or panicked is an error.
+pub fn run_clients<T>(
+    shared: &Shared,
+    clients: usize,
+    client: impl Fn(&Shared) -> Vec<Request> + Sync,
+    drive: impl FnOnce() -> Result<T>,
+) -> (Result<T>, Vec<Request>) {
+    thread::scope(|s| {
+        let mut threads = Vec::with_capacity(clients);
+        let mut spawned = Ok(());
+        for i in 0..clients {
+            let client = &client;
+            match thread::Builder::new()
+                .name(format!("client-{i}"))
+                .spawn_scoped(s, move || client(shared))
+            {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    spawned = Err(anyhow!(e).context("starting a client thread"));
+                    break;
+                }
+            }
+        }
+        let driven = spawned.and_then(|()| drive());
+        shared.stop.store(true, Ordering::Relaxed);
+        let mut requests = Vec::new();
+        let mut panicked = false;
+        for t in threads {
+            match t.join() {
+                Ok(r) => requests.extend(r),
+                Err(_) => panicked = true,
+            }
+        }
+        let driven = if panicked {
+            driven.and(Err(anyhow!("a client thread panicked")))
+        } else {
+            driven
+        };
+        (driven, requests)
+    })
+}
+
 /// One client thread: requests back to back until `stop`.
 pub fn client(shared: &Shared) -> Vec<Request> {
+    client_with(shared, request)
+}
+
+/// [`client`] with another request: `request(addr, buf)` makes one on a
+/// new connection and says how it ended and which server pid answered.
+pub fn client_with(
+    shared: &Shared,
+    request: impl Fn(SocketAddr, &mut Vec<u8>) -> (Outcome, u32),
+) -> Vec<Request> {
     let mut records = Vec::with_capacity(1 << 16);
     let mut buf = Vec::with_capacity(256);
     while !shared.stop.load(Ordering::Relaxed) {
@@ -75,39 +130,31 @@ pub fn request(addr: SocketAddr, buf: &mut Vec<u8>) -> (Outcome, u32) {
         Ok(())
     })();
     if let Err(e) = result {
-        let outcome = match e.kind() {
-            ErrorKind::ConnectionRefused => Outcome::Refused,
-            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
-                Outcome::Reset
-            }
-            ErrorKind::TimedOut | ErrorKind::WouldBlock => Outcome::Timeout,
-            _ => Outcome::Other,
-        };
-        return (outcome, 0);
+        return (failure(&e), 0);
     }
     check_answer(buf)
+}
+
+/// How a request that failed with `e` is counted.
+pub fn failure(e: &std::io::Error) -> Outcome {
+    match e.kind() {
+        ErrorKind::ConnectionRefused => Outcome::Refused,
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
+            Outcome::Reset
+        }
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => Outcome::Timeout,
+        _ => Outcome::Other,
+    }
 }
 
 /// `HTTP/1.1 200 OK`, a Content-Length matching the body, and the demo
 /// server's body `generation G pid P`; the pid.
 pub fn check_answer(answer: &[u8]) -> (Outcome, u32) {
-    if answer.is_empty() {
-        return (Outcome::Short, 0);
-    }
-    if !answer.starts_with(b"HTTP/1.1 200 ") {
-        return (Outcome::NotOk, 0);
-    }
-    let Some(head_end) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return (Outcome::Short, 0);
+    let (body_start, length) = match parse_head(answer) {
+        Ok(head) => head,
+        Err(outcome) => return (outcome, 0),
     };
-    let head = String::from_utf8_lossy(&answer[..head_end]);
-    let body = &answer[head_end + 4..];
-    let length = head.lines().find_map(|l| {
-        let (name, value) = l.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("content-length")
-            .then(|| value.trim().parse::<usize>().ok())?
-    });
+    let body = &answer[body_start..];
     if length != Some(body.len()) {
         return (Outcome::Short, 0);
     }
@@ -121,6 +168,29 @@ pub fn check_answer(answer: &[u8]) -> (Outcome, u32) {
         Some(pid) => (Outcome::Ok, pid),
         None => (Outcome::Short, 0),
     }
+}
+
+/// The head at the start of `answer`: `HTTP/1.1 200 ` (else NotOk), where
+/// the body starts and the Content-Length, if any. Short when the answer
+/// is empty or the head does not end in it.
+pub fn parse_head(answer: &[u8]) -> Result<(usize, Option<usize>), Outcome> {
+    if answer.is_empty() {
+        return Err(Outcome::Short);
+    }
+    if !answer.starts_with(b"HTTP/1.1 200 ") {
+        return Err(Outcome::NotOk);
+    }
+    let Some(head_end) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Err(Outcome::Short);
+    };
+    let head = String::from_utf8_lossy(&answer[..head_end]);
+    let length = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())?
+    });
+    Ok((head_end + 4, length))
 }
 
 #[cfg(test)]

@@ -49,6 +49,19 @@ impl Server {
     /// port) and waits until its first generation is ready; returns it and
     /// that generation's pid.
     pub fn start(bin: &Path, listen: &str, tag: &str) -> Result<(Server, u32)> {
+        let demo = [bin.as_os_str(), "demo-http".as_ref()];
+        Server::start_with(bin, listen, tag, &[], &demo)
+    }
+
+    /// [`Server::start`] with more options for `handover run` (`run_args`,
+    /// before `-l`) and another program (`program`, its argv).
+    pub fn start_with(
+        bin: &Path,
+        listen: &str,
+        tag: &str,
+        run_args: &[&std::ffi::OsStr],
+        program: &[&std::ffi::OsStr],
+    ) -> Result<(Server, u32)> {
         let log = unique_path(tag, "log");
         let control = unique_path(tag, "ctl");
         let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -58,13 +71,14 @@ impl Server {
         cmd.env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("LANG", "C")
-            .args(["run", "--ready", "notify", "--stop-timeout", "10s", "-l"])
+            .args(["run", "--ready", "notify", "--stop-timeout", "10s"])
+            .args(run_args)
+            .arg("-l")
             .arg(format!("{listen}=http"))
             .arg("--control")
             .arg(&control)
             .arg("--")
-            .arg(bin)
-            .arg("demo-http")
+            .args(program)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(file);
@@ -100,16 +114,7 @@ impl Server {
     /// thread so that a server that never prints it cannot hang the bench;
     /// the thread then drains stdout until the server exits.
     fn read_listening_line(&mut self, stdout: std::process::ChildStdout) -> Result<SocketAddr> {
-        let (tx, rx) = mpsc::channel();
-        thread::Builder::new()
-            .name("handover-stdout".to_owned())
-            .spawn(move || {
-                let mut r = BufReader::new(stdout);
-                let mut line = String::new();
-                let _ = tx.send(r.read_line(&mut line).map(|_| line));
-                let _ = std::io::copy(&mut r, &mut std::io::sink());
-            })?;
-        let line = match rx.recv_timeout(START_TIMEOUT) {
+        let line = match first_line(stdout, START_TIMEOUT)? {
             Ok(Ok(line)) if line.is_empty() => {
                 self.check_alive()?;
                 return Err(self.failure("it closed stdout without a listening line"));
@@ -239,6 +244,25 @@ impl Server {
         let _ = self.child.wait();
         None
     }
+}
+
+/// A child's first line on stdout ("" at end of stream), read on a thread
+/// so that a child that never prints it cannot hang the bench; the thread
+/// then drains stdout until the child exits. `Err` on the timeout.
+pub fn first_line(
+    stdout: std::process::ChildStdout,
+    timeout: Duration,
+) -> Result<std::result::Result<std::io::Result<String>, mpsc::RecvTimeoutError>> {
+    let (tx, rx) = mpsc::channel();
+    thread::Builder::new()
+        .name("child-stdout".to_owned())
+        .spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = tx.send(r.read_line(&mut line).map(|_| line));
+            let _ = std::io::copy(&mut r, &mut std::io::sink());
+        })?;
+    Ok(rx.recv_timeout(timeout))
 }
 
 impl Drop for Server {
