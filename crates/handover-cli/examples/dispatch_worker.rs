@@ -123,12 +123,19 @@ fn say(line: &str) {
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
+/// The socket's SO_RCVLOWAT (which the dispatcher raises while peeking
+/// and must put back), or -1 if it cannot be read.
+#[cfg(not(unix))]
+fn rcvlowat(_: &handover::dispatch::Stream) -> i32 {
+    -1
+}
+
 /// The socket's SO_RCVLOWAT, or -1 if it cannot be read.
+#[cfg(unix)]
 fn rcvlowat(stream: &handover::dispatch::Stream) -> i32 {
     use std::os::fd::{AsRawFd, RawFd};
     let fd: RawFd = match stream {
         handover::dispatch::Stream::Tcp(s) => s.as_raw_fd(),
-        #[cfg(unix)]
         handover::dispatch::Stream::Unix(s) => s.as_raw_fd(),
     };
     let mut value: libc::c_int = -1;
