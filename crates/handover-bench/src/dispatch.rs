@@ -73,6 +73,10 @@ pub struct Args {
     /// Which parts to run.
     #[arg(long, value_delimiter = ',', default_values_t = [Part::Short, Part::Large])]
     pub parts: Vec<Part>,
+    /// Run only these subjects (dispatch, so-reuseport, single, proxy), to
+    /// profile one; the ratios then need the baselines too.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
     /// The handover binary [default: `handover` next to this program, i.e.
     /// target/release/handover; build it with `cargo build --release -p
     /// handover-cli`].
@@ -164,6 +168,50 @@ struct Sample {
     failed: Vec<Outcome>,
     /// Successful answers in the window by the pid that answered.
     by_pid: Vec<(u32, usize)>,
+    /// On-CPU time of the server processes over the window, per answer in
+    /// it, in microseconds: all of them, and the front one alone (the
+    /// dispatcher or the proxy), if any.
+    server_cpu_us: f64,
+    front_cpu_us: Option<f64>,
+}
+
+/// The server processes of a variant, whose CPU time is measured.
+struct Pids {
+    /// The dispatcher or the proxy.
+    front: Option<u32>,
+    workers: Vec<u32>,
+}
+
+/// A process's user + system time so far, in microseconds (from
+/// /proc/PID/stat, in clock ticks: threads that have exited included).
+fn cpu_us(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses: state is
+    // field 3, utime 14 and stime 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/stat: {stat:?}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<u64>().ok());
+    let (Some(u), Some(s)) = (ticks(14), ticks(15)) else {
+        bail!("/proc/{pid}/stat: {stat:?}");
+    };
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    Ok((u + s) as f64 * 1e6 / hz)
+}
+
+impl Pids {
+    /// (front, all) CPU time so far, microseconds.
+    fn cpu(&self) -> Result<(f64, f64)> {
+        let front = self.front.map(cpu_us).transpose()?.unwrap_or(0.0);
+        let mut all = front;
+        for &w in &self.workers {
+            all += cpu_us(w)?;
+        }
+        Ok((front, all))
+    }
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -203,6 +251,9 @@ pub fn run(args: &Args) -> Result<()> {
             for k in 0..variants.len() {
                 let v = (round + k) % variants.len();
                 let variant = variants[v];
+                if !args.only.is_empty() && !args.only.iter().any(|o| o == variant.name()) {
+                    continue;
+                }
                 let body = (*part == Part::Large).then_some(large_bytes);
                 let sample = measure(variant, body, &bin, &exe, workers, args)
                     .with_context(|| format!("{part} requests, {}", variant.name()))?;
@@ -221,6 +272,10 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     eprintln!("dispatch: done in {:.1} s", started.elapsed().as_secs_f64());
+    if !args.only.is_empty() {
+        // Not every subject ran: the lines above are all there is.
+        return Ok(());
+    }
     let reports = build_reports(
         args,
         &parts,
@@ -280,7 +335,7 @@ fn measure(
         worker_argv.extend(["--body-bytes".into(), n.to_string().into()]);
     }
     let os = |s: &str| OsString::from(s);
-    let (mut running, addr) = match variant {
+    let (mut running, addr, pids) = match variant {
         Variant::Dispatch => {
             let n = workers.to_string();
             let mut program = vec![exe.as_os_str().to_owned(), os("dispatch"), os("--serve")];
@@ -289,10 +344,25 @@ fn measure(
             let program: Vec<&std::ffi::OsStr> = program.iter().map(|s| s.as_os_str()).collect();
             let run_args = ["--workers".as_ref(), n.as_ref(), "--dispatch".as_ref()];
             let run_args = [&run_args[..], &[args.policy.as_ref()]].concat();
-            let (server, _) =
+            let (server, dispatcher) =
                 Server::start_with(bin, "127.0.0.1:0", "dispatch", &run_args, &program)?;
             let addr = server.addr;
-            (Running::Handover(server), addr)
+            let children =
+                std::fs::read_to_string(format!("/proc/{dispatcher}/task/{dispatcher}/children"))
+                    .context("finding the workers")?;
+            let pids = Pids {
+                front: Some(dispatcher),
+                workers: children
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect(),
+            };
+            ensure!(
+                pids.workers.len() == workers,
+                "the dispatcher has {} children, not {workers}",
+                pids.workers.len()
+            );
+            (Running::Handover(server), addr, pids)
         }
         Variant::ReusePort | Variant::Single | Variant::Proxy => {
             let (count, reuseport) = match variant {
@@ -322,9 +392,15 @@ fn measure(
                 port = proxy.port;
                 procs.push(proxy);
             }
+            let mut ids: Vec<u32> = procs.iter().map(Proc::pid).collect();
+            let pids = Pids {
+                front: (variant == Variant::Proxy).then(|| ids.pop().expect("the proxy")),
+                workers: ids,
+            };
             (
                 Running::Procs(procs),
                 SocketAddr::from(([127, 0, 0, 1], port)),
+                pids,
             )
         }
     };
@@ -333,14 +409,20 @@ fn measure(
     } else {
         args.clients
     };
-    let sample = load(addr, clients, body, args);
+    let sample = load(addr, clients, body, &pids, args);
     running.check_alive()?;
     running.stop()?;
     sample
 }
 
 /// K clients for `warmup_ms`, then `measure_ms` timed.
-fn load(addr: SocketAddr, clients: usize, body: Option<usize>, args: &Args) -> Result<Sample> {
+fn load(
+    addr: SocketAddr,
+    clients: usize,
+    body: Option<usize>,
+    pids: &Pids,
+    args: &Args,
+) -> Result<Sample> {
     let shared = Shared {
         epoch: Instant::now(),
         addr,
@@ -356,13 +438,20 @@ fn load(addr: SocketAddr, clients: usize, body: Option<usize>, args: &Args) -> R
         },
         || {
             thread::sleep(Duration::from_millis(args.warmup_ms));
+            let cpu_start = pids.cpu()?;
             let start = shared.now();
             thread::sleep(Duration::from_millis(args.measure_ms));
-            Ok((start, shared.now()))
+            let end = shared.now();
+            let cpu_end = pids.cpu()?;
+            Ok((start, end, cpu_end.0 - cpu_start.0, cpu_end.1 - cpu_start.1))
         },
     );
-    let (start, end) = window?;
-    Ok(summarize(&requests, start, end))
+    let (start, end, front, all) = window?;
+    let mut sample = summarize(&requests, start, end);
+    let answers = sample.rate * (end - start) as f64 / 1e9;
+    sample.server_cpu_us = all / answers;
+    sample.front_cpu_us = pids.front.map(|_| front / answers);
+    Ok(sample)
 }
 
 fn summarize(requests: &[Request], start: u64, end: u64) -> Sample {
@@ -387,6 +476,8 @@ fn summarize(requests: &[Request], start: u64, end: u64) -> Sample {
             .map(|r| r.outcome)
             .collect(),
         by_pid,
+        server_cpu_us: 0.0,
+        front_cpu_us: None,
     }
 }
 
@@ -504,6 +595,9 @@ fn build_reports(
         add("p99 latency", latency_unit, Better::Lower, &|s| {
             s.latencies.p99_us * scale
         });
+        add("server CPU per answer", "us", Better::Lower, &|s| {
+            s.server_cpu_us
+        });
         add("failed requests", "requests", Better::Lower, &|s| {
             s.failed.len() as f64
         });
@@ -514,7 +608,7 @@ fn build_reports(
             ),
             describe(part, workers, args),
             format!(
-                "rates count the successful answers that ended in the {} ms window after a {} ms warm-up; latencies (connect to end of stream) are theirs; failures are counted over the whole run; every answer is checked: status line, Content-Length, the whole body",
+                "rates count the successful answers that ended in the {} ms window after a {} ms warm-up; latencies (connect to end of stream) are theirs; failures are counted over the whole run; every answer is checked: status line, Content-Length, the whole body; server CPU per answer: user + system time of the server processes (dispatcher + workers, proxy + workers, or the workers alone; /proc/PID/stat, 10 ms ticks) over the window, divided by the answers in it (`handover run` itself, idle, not counted)",
                 args.measure_ms, args.warmup_ms
             ),
         ];
@@ -524,10 +618,14 @@ fn build_reports(
                 .iter()
                 .map(|s| {
                     format!(
-                        "{:.1} {} p99 {:.0} {latency_unit}",
+                        "{:.1} {} p99 {:.0} {latency_unit}, server CPU {:.1} us/answer{}",
                         s.rate / div,
                         rate_unit(part),
-                        s.latencies.p99_us * scale
+                        s.latencies.p99_us * scale,
+                        s.server_cpu_us,
+                        s.front_cpu_us
+                            .map(|f| format!(" ({f:.1} in the {})", front_name(*v)))
+                            .unwrap_or_default()
                     )
                 })
                 .collect();
@@ -610,6 +708,14 @@ fn build_reports(
         reports.push(report);
     }
     Ok(reports)
+}
+
+/// What the front process of a variant is.
+fn front_name(v: Variant) -> &'static str {
+    match v {
+        Variant::Proxy => "proxy",
+        _ => "dispatcher",
+    }
 }
 
 /// The footnote that says what each subject is.

@@ -64,6 +64,10 @@ impl Proc {
         Ok(proc)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// An error if it has exited (it never does by itself).
     pub fn check_alive(&mut self) -> Result<()> {
         match self.child.try_wait()? {
