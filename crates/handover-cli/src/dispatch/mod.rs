@@ -253,7 +253,7 @@ impl Dispatcher {
                 (a, b) => a.or(b),
             };
         }
-        let (listen_ready, peek_ready, worker_ready) = {
+        let (signal_ready, listen_ready, peek_ready, worker_ready) = {
             let mut fds = vec![PollFd::new(&self.signals, PollFlags::IN)];
             let listen_at = fds.len();
             if accepting {
@@ -295,6 +295,7 @@ impl Dispatcher {
             }
             let hit = |f: &PollFd| !f.revents().is_empty();
             (
+                hit(&fds[0]),
                 (listen_at..peek_at)
                     .filter(|&i| hit(&fds[i]))
                     .map(|i| i - listen_at)
@@ -309,8 +310,12 @@ impl Dispatcher {
                     .collect::<Vec<_>>(),
             )
         };
-        while let Some(sig) = self.signals.next()? {
-            self.on_signal(sig);
+        // Only when poll says so: a read per loop would be a failed
+        // system call per connection under load.
+        if signal_ready {
+            while let Some(sig) = self.signals.next()? {
+                self.on_signal(sig);
+            }
         }
         // Reports first: acknowledgements free room and close our copies.
         for (pi, slot) in worker_ready {
