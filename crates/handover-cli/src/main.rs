@@ -1,5 +1,6 @@
 //! `handover`: the command-line tool.
 
+mod adopt;
 mod demo;
 #[cfg(unix)]
 mod demo_reload;
@@ -96,6 +97,10 @@ enum Command {
     /// Wait until the holder has an entry of this name.
     #[cfg(unix)]
     Wait(holder_cmds::WaitArgs),
+    /// Take sockets out of a running process (`--fd N`, or all its
+    /// `--listeners`) and start PROGRAM on them by socket activation
+    /// (names NAME, NAME.1, …), or put them into the holder (`--hold`).
+    Adopt(Box<adopt::AdoptArgs>),
     /// The second process of `handover demo` (internal).
     #[command(hide = true)]
     DemoServer {
@@ -152,6 +157,7 @@ fn real_main() -> Result<()> {
         Command::Run(args) => run::run(*args),
         #[cfg(unix)]
         Command::Dispatch(args) => dispatch::run(*args),
+        Command::Adopt(args) => adopt::run(*args),
         Command::Reload { control, timeout } => status::reload(control.as_deref(), &timeout),
         Command::Status { control, json } => status::status(control.as_deref(), json),
         #[cfg(unix)]

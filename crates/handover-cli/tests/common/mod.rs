@@ -367,6 +367,21 @@ pub fn http_get(addr: SocketAddr) -> String {
     http_get_on(connect(addr))
 }
 
+/// `GET /` on a fresh connection to `addr`, with 5 s to connect and 10 s
+/// for each read and write: the whole response, or what went wrong.
+pub fn try_http_get(addr: SocketAddr) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\nHost: t\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .map_err(|e| format!("read: {e} (got {out:?})"))?;
+    Ok(out)
+}
+
 /// A directory of its own under the system's temporary directory, mode
 /// 0755 (so that an unprivileged user can use what is in it), removed
 /// when dropped.
