@@ -390,6 +390,16 @@ impl Channel {
                 Step::Eof => return Ok(None),
                 Step::Err(e) => return Err(e),
                 Step::WouldBlock => {
+                    // A deadline already passed (a zero timeout: "only what
+                    // is there") needs no wait, nor its system call.
+                    if let Some((at, timeout)) = deadline {
+                        if at <= Instant::now() {
+                            return Err(Error::TimedOut {
+                                op: "receive",
+                                timeout,
+                            });
+                        }
+                    }
                     let ready = self
                         .transport
                         .wait(Direction::Read, deadline.map(|d| d.0))

@@ -66,6 +66,10 @@ const MAX_WAITING: usize = 1024;
 /// How many connections one listener gives per round, so that one busy
 /// listener does not starve the rest of the loop.
 const ACCEPT_BURST: usize = 64;
+/// Under load, how long an acknowledgement may wait to be read (and the
+/// dispatcher's copy of its connection to be closed) when no accept wakes
+/// the loop sooner.
+const LAZY_REPORTS: Duration = Duration::from_millis(1);
 
 enum Listener {
     Tcp(TcpListener),
@@ -136,6 +140,9 @@ struct Dispatcher {
     next_id: u64,
     draining: bool,
     ready_sent: bool,
+    /// The last round accepted connections: reports are read each round
+    /// rather than waking the loop (see `Pool::watched`).
+    busy: bool,
 }
 
 impl AsFd for Listener {
@@ -182,6 +189,7 @@ pub fn run(args: DispatchArgs) -> Result<()> {
         next_id: 0,
         draining: false,
         ready_sent: false,
+        busy: false,
     };
     loop {
         d.step()?;
@@ -248,10 +256,14 @@ impl Dispatcher {
             .map(|p| p.quiet_until.map_or(p.deadline, |q| q.min(p.deadline)))
             .min();
         for p in &self.pools {
-            deadline = match (deadline, p.next_restart()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            // Unwatched acknowledgements are read at least this often.
+            let lazy = (self.busy && p.outstanding()).then(|| Instant::now() + LAZY_REPORTS);
+            for t in [p.next_restart(), lazy] {
+                deadline = match (deadline, t) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
         }
         let (signal_ready, listen_ready, peek_ready, worker_ready) = {
             let mut fds = vec![PollFd::new(&self.signals, PollFlags::IN)];
@@ -276,9 +288,12 @@ impl Dispatcher {
             let mut owners = Vec::new();
             for (pi, pool) in self.pools.iter().enumerate() {
                 for (slot, w) in pool.workers.iter().enumerate() {
-                    if let Some(ch) = w.channel() {
-                        fds.push(PollFd::new(ch, PollFlags::IN));
-                        owners.push((pi, slot));
+                    match w.channel() {
+                        Some(ch) if pool.watched(slot, self.draining, self.busy) => {
+                            fds.push(PollFd::new(ch, PollFlags::IN));
+                            owners.push((pi, slot));
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -321,6 +336,7 @@ impl Dispatcher {
         for (pi, slot) in worker_ready {
             self.pools[pi].read_reports(slot);
         }
+        self.busy = !listen_ready.is_empty();
         for i in listen_ready {
             self.accept_from(i);
         }
@@ -330,6 +346,7 @@ impl Dispatcher {
             if !self.draining || !pool.queue.is_empty() {
                 pool.restart_due(now);
             }
+            pool.read_outstanding();
             pool.deliver(&mut self.next_id);
             if self.draining {
                 pool.end_idle();

@@ -173,6 +173,43 @@ impl Pool {
         }
     }
 
+    /// Whether the dispatcher must wake for worker `slot`'s reports. It is
+    /// woken for a worker that has not said it is ready, while draining,
+    /// while connections wait for room only acknowledgements can make,
+    /// and, when not `busy`, for acknowledgements at all. Under load
+    /// (`busy`: the last round accepted something) the reports are read
+    /// each round without waking for them (`read_outstanding`): a wake-up
+    /// per acknowledgement and per done report would cost more than the
+    /// delivery itself.
+    pub fn watched(&self, slot: usize, draining: bool, busy: bool) -> bool {
+        let w = &self.workers[slot];
+        if w.channel.is_none() {
+            return false;
+        }
+        let stuck = !self.queue.is_empty() && !self.workers.iter().any(Worker::can_take);
+        !w.ready || draining || w.ended || (!w.unacked.is_empty() && (stuck || !busy))
+    }
+
+    /// Whether some delivery waits for its acknowledgement.
+    pub fn outstanding(&self) -> bool {
+        self.workers.iter().any(|w| !w.unacked.is_empty())
+    }
+
+    /// Reads, without waiting, the reports of workers with deliveries not
+    /// yet acknowledged (to close our copies soon), and before least-busy
+    /// picks among them, of workers with connections open (their done
+    /// reports).
+    pub fn read_outstanding(&mut self) {
+        let counts_open = self.policy == Policy::LeastBusy && !self.queue.is_empty();
+        for slot in 0..self.workers.len() {
+            let w = &self.workers[slot];
+            if w.channel.is_some() && (!w.unacked.is_empty() || (counts_open && !w.open.is_empty()))
+            {
+                self.read_reports(slot);
+            }
+        }
+    }
+
     /// Reads what worker `slot` reported. A worker whose channel broke, or
     /// that broke the protocol, is lost: see [`Pool::lose`].
     pub fn read_reports(&mut self, slot: usize) {

@@ -73,7 +73,7 @@ impl AsyncIncoming {
             }
         };
         Ok(Some(AsyncConnection {
-            stream,
+            stream: Owned(Some(stream)),
             peer: delivery.peer.parse().ok(),
             done: AsyncDone {
                 channel: Arc::clone(&self.channel),
@@ -96,6 +96,35 @@ fn io_error(source: io::Error) -> Error {
 pub enum AsyncStream {
     Tcp(TcpStream),
     Unix(UnixStream),
+}
+
+/// As [`super::Connection`]'s: the socket is shut down when the
+/// connection is dropped, since the dispatcher may still hold a copy.
+#[derive(Debug)]
+struct Owned(Option<AsyncStream>);
+
+impl Owned {
+    fn get(&mut self) -> &mut AsyncStream {
+        match &mut self.0 {
+            Some(s) => s,
+            None => {
+                unreachable!("only into_parts takes the stream, and it consumes the connection")
+            }
+        }
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        use std::os::fd::AsFd;
+        let fd = match &self.0 {
+            Some(AsyncStream::Tcp(s)) => s.as_fd(),
+            Some(AsyncStream::Unix(s)) => s.as_fd(),
+            None => return,
+        };
+        // Errors: the client is gone already.
+        let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
+    }
 }
 
 /// Tells the dispatcher, when dropped, that the worker is finished with a
@@ -122,7 +151,7 @@ impl Drop for AsyncDone {
 /// One connection for async code; see [`super::Connection`].
 #[derive(Debug)]
 pub struct AsyncConnection {
-    stream: AsyncStream,
+    stream: Owned,
     delivery: Delivery,
     peer: Option<std::net::SocketAddr>,
     done: AsyncDone,
@@ -145,9 +174,13 @@ impl AsyncConnection {
         self.delivery.id
     }
 
-    /// The socket, and what to drop once finished with it.
-    pub fn into_parts(self) -> (AsyncStream, AsyncDone) {
-        (self.stream, self.done)
+    /// The socket, and what to drop once finished with it; see
+    /// [`super::Connection::into_parts`] (shut it down when finished).
+    pub fn into_parts(mut self) -> (AsyncStream, AsyncDone) {
+        match self.stream.0.take() {
+            Some(s) => (s, self.done),
+            None => unreachable!("a connection's stream is taken only here"),
+        }
     }
 }
 
@@ -157,7 +190,7 @@ impl AsyncRead for AsyncConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().stream {
+        match self.get_mut().stream.get() {
             AsyncStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             AsyncStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
@@ -170,21 +203,21 @@ impl AsyncWrite for AsyncConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().stream {
+        match self.get_mut().stream.get() {
             AsyncStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             AsyncStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().stream {
+        match self.get_mut().stream.get() {
             AsyncStream::Tcp(s) => Pin::new(s).poll_flush(cx),
             AsyncStream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().stream {
+        match self.get_mut().stream.get() {
             AsyncStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             AsyncStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }

@@ -115,7 +115,7 @@ impl Incoming {
         // not be served here too.
         self.channel.send(&Report::Ack(delivery.id).encode(), &[])?;
         Ok(Some(Connection {
-            stream,
+            stream: Owned(Some(stream)),
             peer: delivery.peer.parse().ok(),
             done: Done {
                 channel: Arc::clone(&self.channel),
@@ -168,6 +168,41 @@ pub enum Stream {
     Unix(UnixStream),
 }
 
+impl Stream {
+    fn shutdown(&self) {
+        // Errors: the client is gone already; nothing more to end.
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            #[cfg(unix)]
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+/// The connection's socket inside a [`Connection`]: shut down when the
+/// connection is dropped. The dispatcher may hold a copy of the socket
+/// until it has read the acknowledgement; closing ours alone would then
+/// not end the connection, and a client reading to the end would wait
+/// for the dispatcher.
+#[derive(Debug)]
+struct Owned(Option<Stream>);
+
+impl Owned {
+    fn get(&mut self) -> io::Result<&mut Stream> {
+        self.0
+            .as_mut()
+            .ok_or_else(|| io::ErrorKind::NotConnected.into())
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        if let Some(s) = &self.0 {
+            s.shutdown();
+        }
+    }
+}
+
 /// Tells the dispatcher, when dropped, that the worker is finished with a
 /// connection.
 #[derive(Debug)]
@@ -189,7 +224,7 @@ impl Drop for Done {
 /// socket.
 #[derive(Debug)]
 pub struct Connection {
-    stream: Stream,
+    stream: Owned,
     delivery: Delivery,
     peer: Option<SocketAddr>,
     done: Done,
@@ -219,19 +254,32 @@ impl Connection {
 
     /// The socket, borrowed.
     pub fn stream(&self) -> &Stream {
-        &self.stream
+        match &self.stream.0 {
+            Some(s) => s,
+            None => {
+                unreachable!("only into_parts takes the stream, and it consumes the connection")
+            }
+        }
     }
 
     /// The socket, and the [`Done`] to drop once finished with it (for
     /// least-busy dispatch to count this worker's connections right).
-    pub fn into_parts(self) -> (Stream, Done) {
-        (self.stream, self.done)
+    /// Dropping a [`Connection`] shuts its socket down, even if it was
+    /// cloned; the stream from here is not: shut it down yourself when
+    /// finished (`shutdown(Both)`), or a client waiting for the end of the
+    /// stream may wait until the dispatcher has closed its copy (at most a
+    /// few milliseconds).
+    pub fn into_parts(mut self) -> (Stream, Done) {
+        match self.stream.0.take() {
+            Some(s) => (s, self.done),
+            None => unreachable!("a connection's stream is taken only here"),
+        }
     }
 }
 
 impl Read for Connection {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match &mut self.stream {
+        match self.stream.get()? {
             Stream::Tcp(s) => s.read(buf),
             #[cfg(unix)]
             Stream::Unix(s) => s.read(buf),
@@ -241,7 +289,7 @@ impl Read for Connection {
 
 impl Write for Connection {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match &mut self.stream {
+        match self.stream.get()? {
             Stream::Tcp(s) => s.write(buf),
             #[cfg(unix)]
             Stream::Unix(s) => s.write(buf),
