@@ -10,7 +10,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
@@ -154,15 +154,7 @@ fn wait_served_by(addr: SocketAddr, g: u64) -> u32 {
 /// One GET on a new connection: the serving generation, or what went
 /// wrong.
 fn try_get(addr: SocketAddr) -> Result<u64, String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET / HTTP/1.0\r\nHost: t\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .map_err(|e| format!("read: {e} (got {out:?})"))?;
+    let out = try_http_get(addr)?;
     if !out.starts_with("HTTP/1.1 200 OK\r\n") {
         return Err(format!("not a 200: {out:?}"));
     }

@@ -4,13 +4,12 @@
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -87,25 +86,14 @@ impl Supervisor {
             .args(program);
         let (mut child, log) = spawn(cmd, Subject::Handover, Stdio::piped())?;
         let stdout = child.stdout.take().expect("stdout is piped");
-        // Read the first line on a thread, so that a supervisor that never
-        // prints it cannot hang the bench; the thread then drains stdout
-        // until the supervisor exits.
-        let (tx, rx) = mpsc::channel();
-        thread::Builder::new()
-            .name("handover-stdout".to_owned())
-            .spawn(move || {
-                let mut r = BufReader::new(stdout);
-                let mut line = String::new();
-                let _ = tx.send(r.read_line(&mut line).map(|_| line));
-                let _ = std::io::copy(&mut r, &mut std::io::sink());
-            })?;
+        let first = crate::restart::server::first_line(stdout, START_TIMEOUT)?;
         let mut sup = Supervisor {
             child,
             subject: Subject::Handover,
             log,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         };
-        let line = match rx.recv_timeout(START_TIMEOUT) {
+        let line = match first {
             Ok(Ok(line)) if line.is_empty() => {
                 // End of stream: it exited (or closed stdout) first.
                 sup.check_alive()?;

@@ -287,14 +287,9 @@ impl Dispatcher {
             let worker_at = fds.len();
             let mut owners = Vec::new();
             for (pi, pool) in self.pools.iter().enumerate() {
-                for (slot, w) in pool.workers.iter().enumerate() {
-                    match w.channel() {
-                        Some(ch) if pool.watched(slot, self.draining, self.busy) => {
-                            fds.push(PollFd::new(ch, PollFlags::IN));
-                            owners.push((pi, slot));
-                        }
-                        _ => {}
-                    }
+                for (slot, ch) in pool.watched(self.draining, self.busy) {
+                    fds.push(PollFd::new(ch, PollFlags::IN));
+                    owners.push((pi, slot));
                 }
             }
             let timeout = deadline.map(|d| {

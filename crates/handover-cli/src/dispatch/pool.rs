@@ -24,6 +24,9 @@ pub const MAX_UNACKED: usize = 64;
 /// for this connection.
 const SEND_TIMEOUT: Duration = Duration::from_millis(50);
 
+/// The most reports read from one worker per loop round.
+const REPORTS_PER_ROUND: usize = 256;
+
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A worker that ran this long resets its backoff.
@@ -80,10 +83,6 @@ impl Worker {
 
     fn can_take(&self) -> bool {
         self.ready && !self.ended && self.channel.is_some() && self.unacked.len() < MAX_UNACKED
-    }
-
-    pub fn channel(&self) -> Option<&Channel> {
-        self.channel.as_ref()
     }
 
     pub fn is_running(&self) -> bool {
@@ -173,21 +172,25 @@ impl Pool {
         }
     }
 
-    /// Whether the dispatcher must wake for worker `slot`'s reports. It is
-    /// woken for a worker that has not said it is ready, while draining,
-    /// while connections wait for room only acknowledgements can make,
-    /// and, when not `busy`, for acknowledgements at all. Under load
-    /// (`busy`: the last round accepted something) the reports are read
-    /// each round without waking for them (`read_outstanding`): a wake-up
-    /// per acknowledgement and per done report would cost more than the
-    /// delivery itself.
-    pub fn watched(&self, slot: usize, draining: bool, busy: bool) -> bool {
-        let w = &self.workers[slot];
-        if w.channel.is_none() {
-            return false;
-        }
+    /// The workers whose reports the dispatcher must wake for, with their
+    /// channels: a worker that has not said it is ready, every worker while
+    /// draining, workers with unacknowledged deliveries while connections
+    /// wait for room only acknowledgements can make, and, when not `busy`,
+    /// for acknowledgements at all. Under load (`busy`: the last round
+    /// accepted something) the reports are read each round without waking
+    /// for them (`read_outstanding`): a wake-up per acknowledgement and
+    /// per done report would cost more than the delivery itself.
+    pub fn watched(&self, draining: bool, busy: bool) -> impl Iterator<Item = (usize, &Channel)> {
         let stuck = !self.queue.is_empty() && !self.workers.iter().any(Worker::can_take);
-        !w.ready || draining || w.ended || (!w.unacked.is_empty() && (stuck || !busy))
+        self.workers
+            .iter()
+            .enumerate()
+            .filter_map(move |(slot, w)| {
+                let ch = w.channel.as_ref()?;
+                let wake =
+                    !w.ready || draining || w.ended || (!w.unacked.is_empty() && (stuck || !busy));
+                wake.then_some((slot, ch))
+            })
     }
 
     /// Whether some delivery waits for its acknowledgement.
@@ -213,7 +216,9 @@ impl Pool {
     /// Reads what worker `slot` reported. A worker whose channel broke, or
     /// that broke the protocol, is lost: see [`Pool::lose`].
     pub fn read_reports(&mut self, slot: usize) {
-        loop {
+        // Bounded, so that a worker sending without pause cannot hold the
+        // loop: what is left is read on the next round.
+        for _ in 0..REPORTS_PER_ROUND {
             let w = &mut self.workers[slot];
             let Some(ch) = &w.channel else { return };
             let m = match ch.recv_timeout(Duration::ZERO) {
