@@ -18,6 +18,9 @@
 //! connections after N of them (but keeps the channel open), as a worker
 //! that hangs would — a test then kills it and checks nothing is lost;
 //! `--delay-ready SECS` waits before asking for the first connection;
+//! `--corrupt-state-after N` writes a lie into its state page (that it
+//! took connection 2^64-1) once it has taken N connections, as a broken
+//! worker would — the dispatcher must drop it;
 //! `--log-connections` prints `dispatch_worker: pool P took connection ID
 //! listener L peeked K first-bytes-match yes|no rcvlowat R` to stderr for
 //! each connection, after reading its first K bytes and comparing them
@@ -41,6 +44,7 @@ fn main() {
     let mut stall_after: Option<usize> = None;
     let mut delay_ready = 0.0f64;
     let mut log = false;
+    let mut corrupt_after: Option<usize> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut number = || args.next().and_then(|v| v.parse::<f64>().ok());
@@ -49,12 +53,19 @@ fn main() {
             "--stall-after" => stall_after = number().map(|n| n as usize),
             "--delay-ready" => delay_ready = number().unwrap_or(0.0),
             "--log-connections" => log = true,
+            "--corrupt-state-after" => corrupt_after = number().map(|n| n as usize),
             other => fail(&format!("unknown argument {other:?}")),
         }
     }
-    let incoming = match handover::dispatch::incoming() {
-        Ok(i) => i,
-        Err(e) => fail(&e.to_string()),
+    let (incoming, page) = match corrupt_after {
+        None => match handover::dispatch::incoming() {
+            Ok(i) => (i, None),
+            Err(e) => fail(&e.to_string()),
+        },
+        Some(_) => match incoming_and_page() {
+            Ok((i, p)) => (i, Some(p)),
+            Err(e) => fail(&e.to_string()),
+        },
     };
     std::thread::sleep(Duration::from_secs_f64(delay_ready));
     let who = Arc::new(format!(
@@ -80,6 +91,15 @@ fn main() {
             serve(conn, &who, body.as_deref(), &served, log)
         }));
         threads.retain(|t| !t.is_finished());
+        if let (Some(n), Some(page)) = (corrupt_after, &page) {
+            if taken + 1 >= n {
+                say(&format!(
+                    "dispatch_worker: pid {} corrupting its state page\n",
+                    std::process::id()
+                ));
+                page.set_taken(u64::MAX);
+            }
+        }
         if stall_after.is_some_and(|n| taken + 1 >= n) {
             say(&format!(
                 "dispatch_worker: pid {} stalling after {} connections\n",
@@ -95,6 +115,25 @@ fn main() {
     for t in threads {
         let _ = t.join();
     }
+}
+
+/// What `incoming()` does, keeping a mapping of the state page for
+/// `--corrupt-state-after`.
+fn incoming_and_page() -> handover::Result<(
+    handover::dispatch::Incoming,
+    handover::dispatch::state::StatePage,
+)> {
+    use handover::dispatch::{state::StatePage, Incoming, CHANNEL_NAME, STATE_NAME};
+    let mut activation = handover::activation::take()?;
+    let mut take = |name: &str| {
+        activation
+            .take_named(name)
+            .ok_or_else(|| handover::Error::Activation(format!("no {name} handle")))
+    };
+    let channel = take(CHANNEL_NAME)?.into_channel()?;
+    let memory = take(STATE_NAME)?.into_shared_memory()?;
+    let page = StatePage::open(&memory)?;
+    Ok((Incoming::new(channel, &memory)?, page))
 }
 
 /// The connection, read from its first byte: the first bytes already

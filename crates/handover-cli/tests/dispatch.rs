@@ -331,10 +331,10 @@ fn a_hung_worker_killed_mid_load_loses_no_connection_and_is_restarted() {
     let lost = err.lines().find(|l| l.contains("worker lost")).unwrap();
     assert!(lost.contains(&format!("pid={hung}")), "{lost}");
     // Once it is reaped, what it held unacknowledged goes to the others.
-    let err = wait_log(&h, "handing its unacknowledged connections", 1);
+    let err = wait_log(&h, "handing the connections it had not taken", 1);
     let handed = err
         .lines()
-        .find(|l| l.contains("handing its unacknowledged connections"))
+        .find(|l| l.contains("handing the connections it had not taken"))
         .unwrap();
     let count: usize = field(handed, "count")
         .and_then(|n| n.parse().ok())
@@ -367,6 +367,53 @@ fn a_hung_worker_killed_mid_load_loses_no_connection_and_is_restarted() {
         "{}",
         h.report()
     );
+    h.stop();
+}
+
+#[test]
+fn a_worker_whose_state_page_lies_is_dropped_and_restarted() {
+    let dir = TempDir::new("dispatch-liar");
+    let ctl = dir.join("ctl");
+    let mark = dir.join("lied");
+    // Worker 0, the first time only, claims an impossible connection once
+    // it has taken 2.
+    let script = r#"if [ "$HANDOVER_WORKER" = 0 ] && mkdir "$1" 2>/dev/null; then exec "$0" --corrupt-state-after 2; fi; exec "$0""#;
+    let (mut h, addr) = start(
+        &ctl,
+        &["--workers", "2", "--dispatch", "round-robin"],
+        &worker_via_sh(script, &[&mark]),
+    );
+    // Requests one after another: the liar's share goes to it until the
+    // dispatcher reads the lie.
+    let mut liar = None;
+    for _ in 0..20 {
+        if let Ok(a) = try_get(addr, "t") {
+            if a.worker == 0 {
+                liar.get_or_insert(a.pid);
+            }
+        }
+    }
+    let liar = liar.expect("worker 0 served before it lied");
+    let err = wait_log(
+        &h,
+        "its state page says it took connection 18446744073709551615",
+        1,
+    );
+    let lost = err.lines().find(|l| l.contains("worker lost")).unwrap();
+    assert!(lost.contains(&format!("pid={liar}")), "{lost}");
+    wait_log(&h, "worker died; restarting", 1);
+    // A new worker 0 serves; requests keep being answered.
+    let new_pid = wait_for("a new worker 0 to serve", TIMEOUT, || {
+        try_get(addr, "t")
+            .ok()
+            .filter(|a| a.worker == 0 && a.pid != liar)
+            .map(|a| a.pid)
+    });
+    assert!(!process_alive(liar as i32));
+    assert!(process_alive(new_pid as i32));
+    for _ in 0..20 {
+        try_get(addr, "t").unwrap_or_else(|e| panic!("{e}\n{}", h.report()));
+    }
     h.stop();
 }
 
@@ -953,7 +1000,7 @@ fn a_hung_worker_killed_while_its_generation_drains_loses_no_connection() {
     wait_log(&h, "draining: no more accepts", 1);
     // SAFETY: kill(2) on a worker process of this test's handover.
     assert_eq!(unsafe { libc::kill(hung, libc::SIGKILL) }, 0);
-    wait_log(&h, "handing its unacknowledged connections", 1);
+    wait_log(&h, "handing the connections it had not taken", 1);
     wait_for("the old dispatcher to finish", TIMEOUT, || {
         (!process_alive(dispatcher_pid(&h, 1))).then_some(())
     });

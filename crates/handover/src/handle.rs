@@ -128,6 +128,29 @@ impl Handle {
         }
     }
 
+    /// An accepted TCP connection, declared a connected TCP stream of its
+    /// peer's address family without asking the OS: this saves the three
+    /// system calls [`From<TcpStream>`](#impl-From<TcpStream>-for-Handle)
+    /// makes, which counts in a loop that hands on every connection it
+    /// accepts. `peer` is the address `accept` returned with it. A wrong
+    /// declaration misleads only [`kind`](Self::kind), here and at a
+    /// receiver; the typed conversions ask the OS.
+    pub fn from_accepted_tcp(stream: TcpStream, peer: &std::net::SocketAddr) -> Handle {
+        let family = match peer {
+            std::net::SocketAddr::V4(_) => SocketFamily::Ipv4,
+            std::net::SocketAddr::V6(_) => SocketFamily::Ipv6,
+        };
+        Handle {
+            raw: sys::OwnedRaw::from(stream),
+            name: None,
+            kind: KindCodes::of(HandleKind::Socket(SocketInfo {
+                family,
+                socket_type: SocketType::Stream,
+                listening: false,
+            })),
+        }
+    }
+
     /// Gives the handle a name, which travels with it. Names are checked when
     /// the handle is sent: 1 to 255 bytes of UTF-8, without NUL.
     pub fn with_name(mut self, name: impl Into<String>) -> Handle {

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::io;
+use std::sync::atomic::AtomicU64;
 
 use crate::error::{Error, Result};
 use crate::handle::{Handle, HandleKind};
@@ -174,6 +175,28 @@ impl Mapping {
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.view.ptr().add(offset), bytes.len())
         };
         Ok(())
+    }
+
+    /// The 8 bytes at `offset` as an atomic integer, for counters and flags
+    /// that processes sharing the memory update without a system call.
+    /// Fails (InvalidInput) unless they lie inside the mapping and `offset`
+    /// is a multiple of 8 (mappings start on a page boundary, so the
+    /// integer is then aligned). Every process must use atomic operations
+    /// on it; the value is in the machine's byte order.
+    pub fn atomic_u64(&self, offset: usize) -> io::Result<&AtomicU64> {
+        self.check(offset, 8)?;
+        if offset % 8 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("offset {offset} is not a multiple of 8"),
+            ));
+        }
+        // SAFETY: the 8 bytes lie inside the live mapping, which outlives
+        // the borrow, and are 8-aligned (a page-aligned base plus a
+        // multiple of 8). Other processes may change them at any time,
+        // which an atomic allows; only atomic operations reach them
+        // through the reference.
+        Ok(unsafe { AtomicU64::from_ptr(self.view.ptr().add(offset).cast()) })
     }
 
     /// The whole mapping as a slice.

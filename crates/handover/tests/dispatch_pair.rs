@@ -8,12 +8,22 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
-use handover::dispatch::protocol::{Delivery, Report};
+use handover::dispatch::protocol::{Delivery, Report, VERSION};
+use handover::dispatch::state::StatePage;
 use handover::dispatch::Incoming;
 use handover::{Channel, Handle};
 
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
 const WAIT: Duration = Duration::from_secs(20);
+
+/// Waits (bounded) for the worker to write the state page.
+fn until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "never {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
 
 fn report(ch: &Channel) -> Report {
     let m = ch.recv_timeout(WAIT).unwrap().expect("a report");
@@ -22,8 +32,12 @@ fn report(ch: &Channel) -> Report {
 }
 
 #[test]
-fn a_delivered_connection_is_acknowledged_served_and_reported_done() {
+fn a_delivered_connection_is_taken_served_and_counted_done() {
     let (dispatcher, worker) = Channel::pair().unwrap();
+    // The state page goes to the worker as shared memory, as a worker's
+    // activation handle would (a section on Windows).
+    let (page, memory) = StatePage::create().unwrap();
+    let memory = Handle::from(memory).into_shared_memory().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     client.set_read_timeout(Some(WAIT)).unwrap();
@@ -31,7 +45,7 @@ fn a_delivered_connection_is_acknowledged_served_and_reported_done() {
     let (accepted, peer) = listener.accept().unwrap();
 
     let serving = std::thread::spawn(move || {
-        let mut incoming = Incoming::new(worker);
+        let mut incoming = Incoming::new(worker, &memory).unwrap();
         let mut conn = incoming.accept().unwrap().expect("a connection");
         let info = (
             conn.id(),
@@ -49,7 +63,7 @@ fn a_delivered_connection_is_acknowledged_served_and_reported_done() {
         (info, head)
     });
 
-    assert_eq!(report(&dispatcher), Report::Ready { version: 1 });
+    assert_eq!(report(&dispatcher), Report::Ready { version: VERSION });
     let delivery = Delivery {
         id: 41,
         listener: "http".into(),
@@ -60,8 +74,8 @@ fn a_delivered_connection_is_acknowledged_served_and_reported_done() {
     dispatcher
         .send(&delivery.encode(), std::slice::from_ref(&handle))
         .unwrap();
-    assert_eq!(report(&dispatcher), Report::Ack(41));
-    // Acknowledged: the dispatcher's copy goes, as a dispatcher's would.
+    until("marked taken", || page.taken() == 41);
+    // Taken: the dispatcher's copy goes, as a dispatcher's would.
     drop(handle);
     let mut answer = Vec::new();
     client.read_to_end(&mut answer).unwrap();
@@ -69,7 +83,8 @@ fn a_delivered_connection_is_acknowledged_served_and_reported_done() {
         answer, b"served",
         "the worker closed it: the client sees the end"
     );
-    assert_eq!(report(&dispatcher), Report::Done(41));
+    until("counted done", || page.done() == 1);
+    assert_eq!(page.taken(), 41);
     drop(dispatcher);
 
     let ((id, listener_name, peer_addr, peeked), head) = serving.join().unwrap();
@@ -87,8 +102,9 @@ fn a_delivery_without_a_socket_is_an_error_and_the_next_one_is_served() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (accepted, _) = listener.accept().unwrap();
+    let (page, memory) = StatePage::create().unwrap();
     let serving = std::thread::spawn(move || {
-        let mut incoming = Incoming::new(worker);
+        let mut incoming = Incoming::new(worker, &memory).unwrap();
         let first = incoming.accept().map(|c| c.map(|c| c.id()));
         let second = incoming.accept().map(|c| c.map(|c| c.id()));
         (
@@ -96,7 +112,7 @@ fn a_delivery_without_a_socket_is_an_error_and_the_next_one_is_served() {
             second.map_err(|e| e.to_string()),
         )
     });
-    assert_eq!(report(&dispatcher), Report::Ready { version: 1 });
+    assert_eq!(report(&dispatcher), Report::Ready { version: VERSION });
     let no_handle = Delivery {
         id: 1,
         listener: "http".into(),
@@ -108,8 +124,8 @@ fn a_delivery_without_a_socket_is_an_error_and_the_next_one_is_served() {
     dispatcher
         .send(&good.encode(), &[Handle::from(accepted)])
         .unwrap();
-    assert_eq!(report(&dispatcher), Report::Ack(2));
     let (first, second) = serving.join().unwrap();
+    assert_eq!(page.taken(), 2);
     let e = first.unwrap_err();
     assert!(e.contains("0 handles instead of one"), "{e}");
     assert_eq!(second.unwrap(), Some(2));

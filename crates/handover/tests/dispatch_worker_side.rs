@@ -1,11 +1,11 @@
 //! The worker's side of dispatch (`handover::dispatch::Incoming`, and
 //! `AsyncIncoming` with the tokio feature), with the test acting as the
 //! dispatcher on the other end of a `Channel::pair()`: ready comes first,
-//! a delivery becomes a connection that works from its first byte, the
-//! acknowledgement is on the wire before the connection is returned, done
-//! is reported when it is dropped, malformed deliveries are errors with
-//! their handles closed, and the end of the channel ends the iteration.
-//! Real sockets; every wait is bounded.
+//! a delivery becomes a connection that works from its first byte, it is
+//! marked taken in the state page before the connection is returned and
+//! counted done when it is dropped, nothing else is sent, malformed
+//! deliveries are errors with their handles closed, and the end of the
+//! channel ends the iteration. Real sockets; every wait is bounded.
 #![cfg(target_os = "linux")]
 
 mod common;
@@ -19,8 +19,9 @@ use std::time::Duration;
 
 use common::{no_leak, open_fds, pipe, serial};
 use handover::dispatch::protocol::{Delivery, Report, VERSION};
+use handover::dispatch::state::StatePage;
 use handover::dispatch::{Incoming, Stream};
-use handover::{Channel, Error, Handle};
+use handover::{Channel, Error, Handle, SharedMemory};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -47,6 +48,20 @@ fn delivery(id: u64, peer: &str, peeked: &[u8]) -> Vec<u8> {
         peeked: peeked.to_vec(),
     }
     .encode()
+}
+
+/// A dispatcher's channel and state page, and the worker's ends of both.
+fn worker_ends() -> (Channel, StatePage, Channel, SharedMemory) {
+    let (dispatcher, worker) = Channel::pair().unwrap();
+    let (page, memory) = StatePage::create().unwrap();
+    (dispatcher, page, worker, memory)
+}
+
+/// A dispatcher's channel and state page, and the worker's `Incoming`.
+fn incoming_pair() -> (Channel, StatePage, Incoming) {
+    let (dispatcher, page, worker, memory) = worker_ends();
+    let incoming = Incoming::new(worker, &memory).unwrap();
+    (dispatcher, page, incoming)
 }
 
 /// The next report from the worker, which must already be on its way.
@@ -90,9 +105,9 @@ fn send_only_copy(dispatcher: &Channel, bytes: &[u8], server: TcpStream) {
 #[test]
 fn ready_is_sent_before_any_delivery_arrives() {
     let _serial = serial();
-    let (dispatcher, worker) = Channel::pair().unwrap();
+    let (dispatcher, _page, worker, memory) = worker_ends();
     let t = std::thread::spawn(move || {
-        let mut incoming = Incoming::new(worker);
+        let mut incoming = Incoming::new(worker, &memory).unwrap();
         incoming.accept().map(|c| c.is_none())
     });
     // The worker is blocked waiting: its ready is already here.
@@ -107,8 +122,7 @@ fn ready_is_sent_before_any_delivery_arrives() {
 #[test]
 fn a_delivery_becomes_an_acknowledged_connection_read_from_its_first_byte() {
     let _serial = serial();
-    let (dispatcher, worker) = Channel::pair().unwrap();
-    let mut incoming = Incoming::new(worker);
+    let (dispatcher, page, mut incoming) = incoming_pair();
     let Tcp { mut client, server } = tcp();
     let request = b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
     client.write_all(request).unwrap();
@@ -121,14 +135,16 @@ fn a_delivery_becomes_an_acknowledged_connection_read_from_its_first_byte() {
         server,
     );
 
+    assert_eq!((page.taken(), page.done()), (0, 0));
     let mut conn = incoming.accept().unwrap().expect("a connection");
-    // Both reports were sent before accept returned.
+    // Ready was sent, and the connection marked taken, before accept
+    // returned; nothing else is sent.
     assert_eq!(
         report(&dispatcher, Duration::ZERO),
         Report::Ready { version: VERSION }
     );
-    assert_eq!(report(&dispatcher, Duration::ZERO), Report::Ack(41));
     no_report(&dispatcher);
+    assert_eq!((page.taken(), page.done()), (41, 0));
 
     assert_eq!(conn.id(), 41);
     assert_eq!(conn.listener(), "web");
@@ -145,21 +161,30 @@ fn a_delivery_becomes_an_acknowledged_connection_read_from_its_first_byte() {
     assert_eq!(&answer, b"HTTP/1.1 204 No Content\r\n\r\n");
 
     drop(conn);
-    assert_eq!(report(&dispatcher, TIMEOUT), Report::Done(41));
+    assert_eq!(page.done(), 1);
     closed(&mut client);
 
-    // into_parts: done is reported when its Done goes, not the stream.
+    // into_parts: done is counted when its Done goes, not the stream.
     let Tcp { client, server } = tcp();
     send_only_copy(&dispatcher, &delivery(42, "", b""), server);
     let conn = incoming.next().unwrap().unwrap();
-    assert_eq!(report(&dispatcher, Duration::ZERO), Report::Ack(42));
+    assert_eq!((page.taken(), page.done()), (42, 1));
     assert_eq!(conn.peer_addr(), None);
     assert!(conn.peeked().is_empty());
     let (stream, done) = conn.into_parts();
-    no_report(&dispatcher);
+    assert_eq!(page.done(), 1);
     drop(done);
-    assert_eq!(report(&dispatcher, TIMEOUT), Report::Done(42));
+    assert_eq!(page.done(), 2);
     drop((stream, client));
+    no_report(&dispatcher);
+
+    // An id that does not increase is refused, its handle closed.
+    let Tcp { mut client, server } = tcp();
+    send_only_copy(&dispatcher, &delivery(42, "", b""), server);
+    let e = incoming.accept().unwrap_err().to_string();
+    assert!(e.contains("ids must increase"), "{e}");
+    closed(&mut client);
+    assert_eq!((page.taken(), page.done()), (42, 2));
 
     drop(dispatcher);
     assert!(incoming.next().is_none(), "EOF ends the iteration");
@@ -168,8 +193,7 @@ fn a_delivery_becomes_an_acknowledged_connection_read_from_its_first_byte() {
 #[test]
 fn a_unix_stream_connection_is_delivered_as_one() {
     let _serial = serial();
-    let (dispatcher, worker) = Channel::pair().unwrap();
-    let mut incoming = Incoming::new(worker);
+    let (dispatcher, _page, mut incoming) = incoming_pair();
     let (mut client, server) = UnixStream::pair().unwrap();
     client.set_read_timeout(Some(TIMEOUT)).unwrap();
     dispatcher
@@ -187,17 +211,19 @@ fn a_unix_stream_connection_is_delivered_as_one() {
     assert_eq!(&answer, b"ok");
 }
 
-/// Malformed deliveries, each built by `make` (bytes and handles, the
-/// test's copies of which are dropped once sent): each is an error, no
-/// acknowledgement, no descriptor left open; the next good delivery still
-/// comes through.
+/// Malformed deliveries, each built by `make` from an id (bytes and
+/// handles, the test's copies of which are dropped once sent): each is an
+/// error, no descriptor is left open, and one with a readable id is marked
+/// taken (so that the dispatcher closes its copy); the next good delivery
+/// still comes through.
 fn malformed_deliveries(
     mut accept: impl FnMut() -> Result<Option<u64>, Error>,
     dispatcher: &Channel,
+    page: &StatePage,
 ) {
-    type Make = fn() -> (Vec<u8>, Vec<Handle>, Vec<TcpStream>);
+    type Make = fn(u64) -> (Vec<u8>, Vec<Handle>, Vec<TcpStream>);
     let cases: [(&str, &str, Make); 8] = [
-        ("bad header", "dispatch protocol", || {
+        ("bad header", "dispatch protocol", |_| {
             let Tcp { client, server } = tcp();
             (
                 b"{\"t\":\"conn\"\n".to_vec(),
@@ -205,7 +231,7 @@ fn malformed_deliveries(
                 vec![client],
             )
         }),
-        ("no end of line", "dispatch protocol", || {
+        ("no end of line", "dispatch protocol", |_| {
             let Tcp { client, server } = tcp();
             (
                 b"GET / HTTP/1.1".to_vec(),
@@ -213,27 +239,27 @@ fn malformed_deliveries(
                 vec![client],
             )
         }),
-        ("no handle", "0 handles", || {
-            (delivery(7, "", b""), vec![], vec![])
+        ("no handle", "0 handles", |id| {
+            (delivery(id, "", b""), vec![], vec![])
         }),
-        ("two handles", "2 handles", || {
+        ("two handles", "2 handles", |id| {
             let a = tcp();
             let b = tcp();
             (
-                delivery(7, "", b""),
+                delivery(id, "", b""),
                 vec![a.server.into(), b.server.into()],
                 vec![a.client, b.client],
             )
         }),
-        ("a pipe", "TCP stream", || {
+        ("a pipe", "came as a pipe, not a connected", |id| {
             let (r, _w): (OwnedFd, OwnedFd) = pipe();
-            (delivery(7, "", b""), vec![Handle::from(r)], vec![])
+            (delivery(id, "", b""), vec![Handle::from(r)], vec![])
         }),
-        ("a listening socket", "TCP stream", || {
+        ("a listening socket", "came as a listening", |id| {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            (delivery(7, "", b""), vec![l.into()], vec![])
+            (delivery(id, "", b""), vec![l.into()], vec![])
         }),
-        ("a listening Unix socket", "stream", || {
+        ("a listening Unix socket", "came as a listening", |id| {
             let l = std::os::unix::net::UnixListener::bind_addr(
                 &std::os::unix::net::SocketAddr::from_abstract_name(format!(
                     "handover-dispatch-test-{}",
@@ -242,21 +268,31 @@ fn malformed_deliveries(
                 .unwrap(),
             )
             .unwrap();
-            (delivery(7, "", b""), vec![OwnedFd::from(l).into()], vec![])
+            (delivery(id, "", b""), vec![OwnedFd::from(l).into()], vec![])
         }),
-        ("a Unix datagram socket", "stream", || {
-            let (a, _b) = std::os::unix::net::UnixDatagram::pair().unwrap();
-            (delivery(7, "", b""), vec![OwnedFd::from(a).into()], vec![])
-        }),
+        (
+            "a Unix datagram socket",
+            "datagram socket, not a connected",
+            |id| {
+                let (a, _b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+                (delivery(id, "", b""), vec![OwnedFd::from(a).into()], vec![])
+            },
+        ),
     ];
+    let mut id = page.taken();
     for (what, says, make) in cases {
-        let (bytes, handles, mut clients) = make();
+        id += 1;
+        let (bytes, handles, mut clients) = make(id);
         let before = open_fds() - handles.len();
+        let taken_before = page.taken();
         dispatcher.send(&bytes, &handles).unwrap();
         drop(handles);
         let e = accept().expect_err(what);
         assert!(e.to_string().contains(says), "{what}: {e}");
         assert_eq!(open_fds(), before, "{what}: a handle was left open");
+        let readable_id = says != "dispatch protocol";
+        let expect = if readable_id { id } else { taken_before };
+        assert_eq!(page.taken(), expect, "{what}: taken");
         for c in &mut clients {
             c.set_read_timeout(Some(TIMEOUT)).unwrap();
             closed(c);
@@ -264,19 +300,19 @@ fn malformed_deliveries(
         no_report(dispatcher);
     }
     // The next delivery is served.
+    let done = page.done();
     let Tcp { client, server } = tcp();
-    send_only_copy(dispatcher, &delivery(8, "", b""), server);
-    assert_eq!(accept().unwrap(), Some(8));
-    assert_eq!(report(dispatcher, TIMEOUT), Report::Ack(8));
-    assert_eq!(report(dispatcher, TIMEOUT), Report::Done(8));
+    send_only_copy(dispatcher, &delivery(id + 1, "", b""), server);
+    assert_eq!(accept().unwrap(), Some(id + 1));
+    assert_eq!((page.taken(), page.done()), (id + 1, done + 1));
+    no_report(dispatcher);
     drop(client);
 }
 
 #[test]
 fn malformed_deliveries_are_errors_and_their_handles_are_closed() {
     let _serial = serial();
-    let (dispatcher, worker) = Channel::pair().unwrap();
-    let mut incoming = Incoming::new(worker);
+    let (dispatcher, page, mut incoming) = incoming_pair();
     // Ready goes out with the first accept; an empty channel end first.
     dispatcher.send(&delivery(1, "", b""), &[]).unwrap();
     assert!(incoming.accept().is_err());
@@ -285,7 +321,11 @@ fn malformed_deliveries_are_errors_and_their_handles_are_closed() {
         Report::Ready { version: VERSION }
     );
     no_leak("malformed deliveries", || {
-        malformed_deliveries(|| incoming.accept().map(|c| c.map(|c| c.id())), &dispatcher)
+        malformed_deliveries(
+            || incoming.accept().map(|c| c.map(|c| c.id())),
+            &dispatcher,
+            &page,
+        )
     });
     drop(dispatcher);
     assert!(incoming.accept().unwrap().is_none());
@@ -297,19 +337,20 @@ mod tokio_side {
     use handover::dispatch::{AsyncIncoming, AsyncStream};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A runtime, and a dispatcher's channel to an AsyncIncoming on it.
-    fn async_pair() -> (tokio::runtime::Runtime, Channel, AsyncIncoming) {
+    /// A runtime, and a dispatcher's channel and state page to an
+    /// AsyncIncoming on it.
+    fn async_pair() -> (tokio::runtime::Runtime, Channel, StatePage, AsyncIncoming) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
-        let (dispatcher, worker) = Channel::pair().unwrap();
+        let (dispatcher, page, worker, memory) = worker_ends();
         let incoming = {
             let _enter = rt.enter();
-            AsyncIncoming::new(worker).unwrap()
+            AsyncIncoming::new(worker, &memory).unwrap()
         };
-        (rt, dispatcher, incoming)
+        (rt, dispatcher, page, incoming)
     }
 
     /// Runs `f` on the runtime, failing after TIMEOUT.
@@ -319,9 +360,9 @@ mod tokio_side {
     }
 
     #[test]
-    fn async_ready_delivery_ack_done_and_eof() {
+    fn async_ready_delivery_taken_done_and_eof() {
         let _serial = serial();
-        let (rt, dispatcher, mut incoming) = async_pair();
+        let (rt, dispatcher, page, mut incoming) = async_pair();
         // Ready while the worker waits for its first connection.
         let waiting = rt.spawn(async move {
             let first = incoming.next().await.map(|r| r.map(|c| c.id()));
@@ -343,9 +384,9 @@ mod tokio_side {
         );
         let (mut incoming, first) = block_on(&rt, waiting).unwrap();
         assert_eq!(first.unwrap().unwrap(), 5);
-        // That connection was dropped in the task: acked, then done.
-        assert_eq!(report(&dispatcher, Duration::ZERO), Report::Ack(5));
-        assert_eq!(report(&dispatcher, TIMEOUT), Report::Done(5));
+        // That connection was dropped in the task: taken, then done.
+        assert_eq!((page.taken(), page.done()), (5, 1));
+        no_report(&dispatcher);
         closed(&mut client);
 
         let Tcp { mut client, server } = tcp();
@@ -356,7 +397,7 @@ mod tokio_side {
             server,
         );
         let mut conn = block_on(&rt, incoming.next()).unwrap().unwrap();
-        assert_eq!(report(&dispatcher, Duration::ZERO), Report::Ack(6));
+        assert_eq!((page.taken(), page.done()), (6, 1));
         assert_eq!(conn.id(), 6);
         assert_eq!(conn.listener(), "web");
         assert_eq!(conn.peer_addr(), Some::<std::net::SocketAddr>(peer));
@@ -373,12 +414,11 @@ mod tokio_side {
         assert_eq!(&answer, b"pong");
         let (stream, done) = conn.into_parts();
         assert!(matches!(stream, AsyncStream::Tcp(_)));
+        assert_eq!(page.done(), 1);
+        // Outside the runtime too: counting needs no task.
+        drop(done);
+        assert_eq!(page.done(), 2);
         no_report(&dispatcher);
-        {
-            let _enter = rt.enter();
-            drop(done);
-        }
-        assert_eq!(report(&dispatcher, TIMEOUT), Report::Done(6));
         {
             let _enter = rt.enter();
             drop(stream);
@@ -392,7 +432,7 @@ mod tokio_side {
     #[test]
     fn async_malformed_deliveries_are_errors_and_their_handles_are_closed() {
         let _serial = serial();
-        let (rt, dispatcher, mut incoming) = async_pair();
+        let (rt, dispatcher, page, mut incoming) = async_pair();
         dispatcher.send(&delivery(1, "", b""), &[]).unwrap();
         assert!(block_on(&rt, incoming.next()).unwrap().is_err());
         assert_eq!(
@@ -412,6 +452,7 @@ mod tokio_side {
                     }
                 },
                 &dispatcher,
+                &page,
             )
         });
         drop(dispatcher);

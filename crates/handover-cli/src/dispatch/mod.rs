@@ -66,10 +66,10 @@ const MAX_WAITING: usize = 1024;
 /// How many connections one listener gives per round, so that one busy
 /// listener does not starve the rest of the loop.
 const ACCEPT_BURST: usize = 64;
-/// Under load, how long an acknowledgement may wait to be read (and the
-/// dispatcher's copy of its connection to be closed) when no accept wakes
+/// How long a taken connection may wait to be seen in its worker's state
+/// page (and the dispatcher's copy of it to be closed) when nothing wakes
 /// the loop sooner.
-const LAZY_REPORTS: Duration = Duration::from_millis(1);
+const LAZY_STATE: Duration = Duration::from_millis(1);
 
 enum Listener {
     Tcp(TcpListener),
@@ -137,12 +137,8 @@ struct Dispatcher {
     routes: Routes,
     peeking: Vec<Peeking>,
     signals: Signals,
-    next_id: u64,
     draining: bool,
     ready_sent: bool,
-    /// The last round accepted connections: reports are read each round
-    /// rather than waking the loop (see `Pool::watched`).
-    busy: bool,
 }
 
 impl AsFd for Listener {
@@ -186,10 +182,8 @@ pub fn run(args: DispatchArgs) -> Result<()> {
         routes,
         peeking: Vec::new(),
         signals,
-        next_id: 0,
         draining: false,
         ready_sent: false,
-        busy: false,
     };
     loop {
         d.step()?;
@@ -256,8 +250,8 @@ impl Dispatcher {
             .map(|p| p.quiet_until.map_or(p.deadline, |q| q.min(p.deadline)))
             .min();
         for p in &self.pools {
-            // Unwatched acknowledgements are read at least this often.
-            let lazy = (self.busy && p.outstanding()).then(|| Instant::now() + LAZY_REPORTS);
+            // Deliveries not yet taken are looked for at least this often.
+            let lazy = p.outstanding().then(|| Instant::now() + LAZY_STATE);
             for t in [p.next_restart(), lazy] {
                 deadline = match (deadline, t) {
                     (Some(a), Some(b)) => Some(a.min(b)),
@@ -287,7 +281,7 @@ impl Dispatcher {
             let worker_at = fds.len();
             let mut owners = Vec::new();
             for (pi, pool) in self.pools.iter().enumerate() {
-                for (slot, ch) in pool.watched(self.draining, self.busy) {
+                for (slot, ch) in pool.watched(self.draining) {
                     fds.push(PollFd::new(ch, PollFlags::IN));
                     owners.push((pi, slot));
                 }
@@ -327,11 +321,9 @@ impl Dispatcher {
                 self.on_signal(sig);
             }
         }
-        // Reports first: acknowledgements free room and close our copies.
         for (pi, slot) in worker_ready {
             self.pools[pi].read_reports(slot);
         }
-        self.busy = !listen_ready.is_empty();
         for i in listen_ready {
             self.accept_from(i);
         }
@@ -341,8 +333,10 @@ impl Dispatcher {
             if !self.draining || !pool.queue.is_empty() {
                 pool.restart_due(now);
             }
-            pool.read_outstanding();
-            pool.deliver(&mut self.next_id);
+            // Taken connections free room and close our copies; finished
+            // ones count for least-busy.
+            pool.observe();
+            pool.deliver();
             if self.draining {
                 pool.end_idle();
             }
@@ -397,7 +391,7 @@ impl Dispatcher {
             let accepted = match &l.socket {
                 Listener::Tcp(s) => s
                     .accept()
-                    .map(|(c, peer)| (Handle::from(c), peer.to_string())),
+                    .map(|(c, peer)| (Handle::from_accepted_tcp(c, &peer), peer.to_string())),
                 Listener::Unix(s) => s.accept().map(|(c, _)| (Handle::from(c), String::new())),
             };
             let (handle, peer) = match accepted {

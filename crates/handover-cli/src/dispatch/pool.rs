@@ -1,17 +1,19 @@
 //! Pools of worker processes and the bookkeeping of delivery: which
-//! connections each worker has not acknowledged yet (the dispatcher keeps
-//! its own copy of those, to hand them to another worker should this one
-//! die), how many it has open, whom the policy picks next, and restarting
-//! workers that die.
+//! connections each worker has not taken yet (the dispatcher keeps its own
+//! copy of those, to hand them to another worker should this one die), how
+//! many it has open, whom the policy picks next, and restarting workers
+//! that die. What a worker has taken and finished is read from its state
+//! page (`handover::dispatch::state`), never waited for.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use handover::dispatch::protocol::{Delivery, Report, VERSION};
-use handover::dispatch::CHANNEL_NAME;
+use handover::dispatch::state::StatePage;
+use handover::dispatch::{CHANNEL_NAME, STATE_NAME};
 use handover::{Channel, Child, Command, Handle};
 
 /// How many connections a worker may have unacknowledged at once. A
@@ -34,8 +36,8 @@ const STABLE_AFTER: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Policy {
-    /// The worker with the fewest connections open (unacknowledged and not
-    /// yet reported done).
+    /// The worker with the fewest connections open (not yet taken, or
+    /// taken and not yet finished).
     LeastBusy,
     /// Each worker in turn.
     RoundRobin,
@@ -53,11 +55,17 @@ pub struct Worker {
     child: Option<Child>,
     pub pid: u32,
     channel: Option<Channel>,
+    /// Our mapping of the page the worker counts in.
+    state: Option<StatePage>,
     ready: bool,
-    /// Delivered, not yet acknowledged: ours to hand elsewhere.
-    unacked: HashMap<u64, Conn>,
-    /// Acknowledged, not yet reported done.
-    open: HashSet<u64>,
+    /// The id of the last delivery sent on this channel (ids run 1, 2, ...).
+    sent: u64,
+    /// The state page as last read: the id of the last delivery taken, and
+    /// how many connections are finished.
+    taken: u64,
+    done: u64,
+    /// Delivered, not yet taken, in id order: ours to hand elsewhere.
+    unacked: VecDeque<(u64, Conn)>,
     started: Instant,
     restart_at: Option<Instant>,
     backoff: Duration,
@@ -77,8 +85,43 @@ pub struct Pool {
 }
 
 impl Worker {
-    fn load(&self) -> usize {
-        self.unacked.len() + self.open.len()
+    fn load(&self) -> u64 {
+        self.unacked.len() as u64 + (self.taken - self.done)
+    }
+
+    /// Reads the state page: what the worker took since it was last read
+    /// no longer needs our copy, and what it finished counts for least-busy.
+    /// A page that goes backwards, claims a delivery never sent, or counts
+    /// more finished than taken is the worker breaking the protocol.
+    fn observe(&mut self) -> Result<(), String> {
+        let Some(page) = &self.state else {
+            return Ok(());
+        };
+        // `done` first: a connection is taken before it is finished, so
+        // read in this order an honest worker never shows done > taken.
+        let done = page.done();
+        let taken = page.taken();
+        if taken < self.taken || taken > self.sent {
+            return Err(format!(
+                "its state page says it took connection {taken}, but {} were sent and {} taken \
+                 before",
+                self.sent, self.taken
+            ));
+        }
+        if done < self.done || done > taken {
+            return Err(format!(
+                "its state page counts {done} connections finished of {taken} taken ({} before)",
+                self.done
+            ));
+        }
+        self.taken = taken;
+        self.done = done;
+        // Taken: our copy closes here, and the worker's close alone ends
+        // the connection.
+        while self.unacked.front().is_some_and(|(id, _)| *id <= taken) {
+            self.unacked.pop_front();
+        }
+        Ok(())
     }
 
     fn can_take(&self) -> bool {
@@ -100,9 +143,12 @@ impl Pool {
                 child: None,
                 pid: 0,
                 channel: None,
+                state: None,
                 ready: false,
-                unacked: HashMap::new(),
-                open: HashSet::new(),
+                sent: 0,
+                taken: 0,
+                done: 0,
+                unacked: VecDeque::new(),
                 started: Instant::now(),
                 restart_at: Some(Instant::now()),
                 backoff: FIRST_BACKOFF,
@@ -120,14 +166,17 @@ impl Pool {
         })
     }
 
-    /// Starts the worker in `slot`: its end of a new channel is its one
-    /// activation handle, named `handover-dispatch`.
+    /// Starts the worker in `slot` with two activation handles: its end of
+    /// a new channel, named `handover-dispatch`, and a new state page,
+    /// `handover-dispatch-state`.
     pub fn start(&mut self, slot: usize) -> Result<()> {
         let (ours, theirs) = Channel::pair()?;
+        let (page, memory) = StatePage::create()?;
         let mut cmd = Command::new(&self.argv[0]);
         cmd.program_path(&self.path)
             .args(&self.argv[1..])
-            .activation(Handle::from(theirs).with_name(CHANNEL_NAME))?;
+            .activation(Handle::from(theirs).with_name(CHANNEL_NAME))?
+            .activation(Handle::from(memory).with_name(STATE_NAME))?;
         // Readiness is the dispatcher's to tell (once its workers are), and
         // the workers' stop is the end of their channel.
         cmd.env_remove("NOTIFY_SOCKET")
@@ -143,6 +192,8 @@ impl Pool {
         tracing::info!(pool = %self.name, worker = slot, pid = w.pid, "worker started");
         w.child = Some(child);
         w.channel = Some(ours);
+        w.state = Some(page);
+        (w.sent, w.taken, w.done) = (0, 0, 0);
         w.ready = false;
         w.started = Instant::now();
         w.restart_at = None;
@@ -172,49 +223,43 @@ impl Pool {
         }
     }
 
-    /// The workers whose reports the dispatcher must wake for, with their
-    /// channels: a worker that has not said it is ready, every worker while
-    /// draining, workers with unacknowledged deliveries while connections
-    /// wait for room only acknowledgements can make, and, when not `busy`,
-    /// for acknowledgements at all. Under load (`busy`: the last round
-    /// accepted something) the reports are read each round without waking
-    /// for them (`read_outstanding`): a wake-up per acknowledgement and
-    /// per done report would cost more than the delivery itself.
-    pub fn watched(&self, draining: bool, busy: bool) -> impl Iterator<Item = (usize, &Channel)> {
-        let stuck = !self.queue.is_empty() && !self.workers.iter().any(Worker::can_take);
+    /// The workers whose channels the dispatcher must wake for: a worker
+    /// that has not said it is ready, and every worker while draining (its
+    /// channel's end). Nothing else comes on a channel: taking and
+    /// finishing connections are counted in the state pages, which are read
+    /// every round (`observe`) and, while a delivery waits to be taken, at
+    /// least every millisecond.
+    pub fn watched(&self, draining: bool) -> impl Iterator<Item = (usize, &Channel)> {
         self.workers
             .iter()
             .enumerate()
             .filter_map(move |(slot, w)| {
                 let ch = w.channel.as_ref()?;
-                let wake =
-                    !w.ready || draining || w.ended || (!w.unacked.is_empty() && (stuck || !busy));
-                wake.then_some((slot, ch))
+                (!w.ready || draining || w.ended).then_some((slot, ch))
             })
     }
 
-    /// Whether some delivery waits for its acknowledgement.
+    /// Whether some delivery waits to be taken.
     pub fn outstanding(&self) -> bool {
         self.workers.iter().any(|w| !w.unacked.is_empty())
     }
 
-    /// Reads, without waiting, the reports of workers with deliveries not
-    /// yet acknowledged (to close our copies soon), and before least-busy
-    /// picks among them, of workers with connections open (their done
-    /// reports).
-    pub fn read_outstanding(&mut self) {
-        let counts_open = self.policy == Policy::LeastBusy && !self.queue.is_empty();
+    /// Reads every worker's state page (no system call); a worker whose
+    /// page breaks the protocol is lost.
+    pub fn observe(&mut self) {
         for slot in 0..self.workers.len() {
-            let w = &self.workers[slot];
-            if w.channel.is_some() && (!w.unacked.is_empty() || (counts_open && !w.open.is_empty()))
-            {
-                self.read_reports(slot);
+            if self.workers[slot].channel.is_none() {
+                continue;
+            }
+            if let Err(why) = self.workers[slot].observe() {
+                self.lose(slot, &why);
             }
         }
     }
 
-    /// Reads what worker `slot` reported. A worker whose channel broke, or
-    /// that broke the protocol, is lost: see [`Pool::lose`].
+    /// Reads what worker `slot` sent: `ready`, or the end of its channel.
+    /// A worker whose channel broke, or that broke the protocol, is lost:
+    /// see [`Pool::lose`].
     pub fn read_reports(&mut self, slot: usize) {
         // Bounded, so that a worker sending without pause cannot hold the
         // loop: what is left is read on the next round.
@@ -240,19 +285,6 @@ impl Pool {
                 Ok(Report::Ready { version }) => {
                     return self.lose(slot, &format!("it speaks version {version}, not {VERSION}"))
                 }
-                Ok(Report::Ack(id)) => match w.unacked.remove(&id) {
-                    // Our copy closes here: from now on the worker alone
-                    // holds the connection, and its close ends it.
-                    Some(_) => {
-                        w.open.insert(id);
-                    }
-                    None => {
-                        return self.lose(slot, &format!("it acknowledged unknown connection {id}"))
-                    }
-                },
-                Ok(Report::Done(id)) => {
-                    w.open.remove(&id);
-                }
                 Err(e) => return self.lose(slot, &e.to_string()),
             }
         }
@@ -276,7 +308,6 @@ impl Pool {
         }
         w.channel = None;
         w.ready = false;
-        w.open.clear();
         match &mut w.child {
             Some(child) if !w.ended => {
                 let _ = child.kill();
@@ -286,16 +317,19 @@ impl Pool {
         }
     }
 
-    /// A lost worker's unacknowledged connections go back to the front of
-    /// the queue, in the order they were accepted.
+    /// A lost worker's connections not taken go back to the front of the
+    /// queue, in the order they were accepted. Its state page is read a
+    /// last time first: what it took before it went is not handed on (were
+    /// the page broken, what it said last is kept).
     fn requeue(&mut self, slot: usize) {
-        let mut taken: Vec<(u64, Conn)> = self.workers[slot].unacked.drain().collect();
-        if taken.is_empty() {
+        let w = &mut self.workers[slot];
+        let _ = w.observe();
+        let back = std::mem::take(&mut w.unacked);
+        if back.is_empty() {
             return;
         }
-        tracing::info!(pool = %self.name, worker = slot, count = taken.len(), "handing its unacknowledged connections to other workers");
-        taken.sort_by_key(|(id, _)| std::cmp::Reverse(*id));
-        for (_, conn) in taken {
+        tracing::info!(pool = %self.name, worker = slot, count = back.len(), "handing the connections it had not taken to other workers");
+        for (_, conn) in back.into_iter().rev() {
             self.queue.push_front(conn);
         }
     }
@@ -337,14 +371,13 @@ impl Pool {
     }
 
     /// Hands queued connections to workers while some can take one.
-    pub fn deliver(&mut self, next_id: &mut u64) {
+    pub fn deliver(&mut self) {
         while let Some(conn) = self.queue.pop_front() {
             let Some(slot) = self.pick() else {
                 self.queue.push_front(conn);
                 return;
             };
-            *next_id += 1;
-            let id = *next_id;
+            let id = self.workers[slot].sent + 1;
             let delivery = Delivery {
                 id,
                 listener: conn.listener.clone(),
@@ -363,7 +396,8 @@ impl Pool {
             );
             match sent {
                 Ok(()) => {
-                    w.unacked.insert(id, conn);
+                    w.sent = id;
+                    w.unacked.push_back((id, conn));
                 }
                 Err(e) => {
                     self.queue.push_front(conn);

@@ -10,36 +10,42 @@ use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use ::tokio::net::{TcpStream, UnixStream};
 
 use super::protocol::{Delivery, Report, VERSION};
-use super::{open_delivery, Stream};
+use super::state::StatePage;
+use super::{take_delivery, Incoming, Stream};
 use crate::tokio::AsyncChannel;
-use crate::{Channel, Error, Result};
+use crate::{Channel, Error, Result, SharedMemory};
 
-/// [`super::incoming`] for tokio: takes the dispatcher's channel from the
-/// activation handles. Must be called within a tokio runtime.
+/// [`super::incoming`] for tokio: takes the dispatcher's channel and state
+/// page from the activation handles. Must be called within a tokio
+/// runtime.
 pub fn incoming_async() -> Result<AsyncIncoming> {
     let mut activation = crate::activation::take()?;
-    let std = super::incoming_from(&mut activation)?;
-    let channel = Arc::try_unwrap(std.channel).map_err(|_| {
-        Error::Dispatch("the dispatch channel is shared and cannot become async".into())
-    })?;
-    AsyncIncoming::new(channel)
+    AsyncIncoming::from_sync(super::incoming_from(&mut activation)?)
 }
 
 /// The connections a dispatcher hands this worker, for async code. Call
 /// [`AsyncIncoming::next`] in a loop.
 #[derive(Debug)]
 pub struct AsyncIncoming {
-    channel: Arc<AsyncChannel>,
+    channel: AsyncChannel,
+    state: Arc<StatePage>,
+    last_id: u64,
     ready_sent: bool,
 }
 
 impl AsyncIncoming {
-    /// Connections arriving on `channel`. Must be called within a tokio
-    /// runtime.
-    pub fn new(channel: Channel) -> Result<AsyncIncoming> {
+    /// Connections arriving on `channel`, acknowledged in the state page
+    /// `state`. Must be called within a tokio runtime.
+    pub fn new(channel: Channel, state: &SharedMemory) -> Result<AsyncIncoming> {
+        AsyncIncoming::from_sync(Incoming::new(channel, state)?)
+    }
+
+    fn from_sync(sync: Incoming) -> Result<AsyncIncoming> {
         Ok(AsyncIncoming {
-            channel: Arc::new(AsyncChannel::try_from(channel)?),
-            ready_sent: false,
+            channel: AsyncChannel::try_from(sync.channel)?,
+            state: sync.state,
+            last_id: sync.last_id,
+            ready_sent: sync.ready_sent,
         })
     }
 
@@ -58,10 +64,7 @@ impl AsyncIncoming {
         let Some(message) = self.channel.recv().await? else {
             return Ok(None);
         };
-        let (delivery, stream) = open_delivery(message)?;
-        self.channel
-            .send(&Report::Ack(delivery.id).encode(), &[])
-            .await?;
+        let (delivery, stream) = take_delivery(message, &self.state, &mut self.last_id)?;
         let stream = match stream {
             Stream::Tcp(s) => {
                 s.set_nonblocking(true).map_err(io_error)?;
@@ -76,8 +79,7 @@ impl AsyncIncoming {
             stream: Owned(Some(stream)),
             peer: delivery.peer.parse().ok(),
             done: AsyncDone {
-                channel: Arc::clone(&self.channel),
-                id: delivery.id,
+                state: Arc::clone(&self.state),
             },
             delivery,
         }))
@@ -127,24 +129,16 @@ impl Drop for Owned {
     }
 }
 
-/// Tells the dispatcher, when dropped, that the worker is finished with a
-/// connection (sent from a task on the current runtime).
+/// Counts a connection finished in the state page, when dropped (any
+/// thread, inside the runtime or not).
 #[derive(Debug)]
 pub struct AsyncDone {
-    channel: Arc<AsyncChannel>,
-    id: u64,
+    state: Arc<StatePage>,
 }
 
 impl Drop for AsyncDone {
     fn drop(&mut self) {
-        let Ok(runtime) = ::tokio::runtime::Handle::try_current() else {
-            return; // dropped outside the runtime: nobody left to send it
-        };
-        let channel = Arc::clone(&self.channel);
-        let report = Report::Done(self.id).encode();
-        runtime.spawn(async move {
-            let _ = channel.send(&report, &[]).await;
-        });
+        self.state.add_done();
     }
 }
 

@@ -12,17 +12,19 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! A worker is started with one channel end in its activation handles,
-//! named [`CHANNEL_NAME`]. Each connection arrives on it as one message
+//! A worker is started with two activation handles: one end of a channel,
+//! named [`CHANNEL_NAME`], and a page of shared memory, named
+//! [`STATE_NAME`]. Each connection arrives on the channel as one message
 //! with its metadata (docs/protocol.md §18). No byte is proxied: the
 //! worker owns the client's socket and talks to the client directly.
 //!
-//! Delivery is acknowledged: [`Incoming`] acknowledges a connection before
-//! it gives it to you, and until then the dispatcher keeps its own copy, so
-//! a worker that dies first loses nothing — its connections go to another
-//! worker. When the connection is dropped (or [`Connection::into_parts`]'s
-//! [`Done`] is), the dispatcher is told it is finished, which is what
-//! least-busy dispatch counts. The iteration ends when the dispatcher
+//! Delivery is acknowledged: [`Incoming`] marks a connection taken in the
+//! state page before it gives it to you, and until the dispatcher has seen
+//! that it keeps its own copy, so a worker that dies first loses nothing —
+//! its connections go to another worker. When the connection is dropped
+//! (or [`Connection::into_parts`]'s [`Done`] is), the page counts it
+//! finished, which is what least-busy dispatch counts. Neither costs a
+//! message or wakes the dispatcher. The iteration ends when the dispatcher
 //! closes the channel: the worker is being drained and should finish the
 //! connections it has and exit.
 
@@ -30,6 +32,7 @@
 mod async_incoming;
 pub mod peek;
 pub mod protocol;
+pub mod state;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -40,56 +43,67 @@ use std::sync::Arc;
 #[cfg(all(feature = "tokio", unix))]
 pub use async_incoming::{incoming_async, AsyncConnection, AsyncDone, AsyncIncoming, AsyncStream};
 use protocol::{Delivery, Report};
+use state::StatePage;
+pub use state::STATE_NAME;
 
 use crate::activation::Activation;
-use crate::{Channel, Error, Message, Result};
+use crate::{Channel, Error, Handle, HandleKind, Message, Result, SocketFamily, SocketType};
 
 /// The activation name of the worker's channel to its dispatcher
 /// (LISTEN_FDNAMES).
 pub const CHANNEL_NAME: &str = "handover-dispatch";
 
-/// Takes the dispatcher's channel from the activation handles
-/// ([`crate::activation::take`]) and returns the connections arriving on
-/// it. Use [`incoming_from`] if the program takes other activation
-/// handles too.
+/// Takes the dispatcher's channel and state page from the activation
+/// handles ([`crate::activation::take`]) and returns the connections
+/// arriving on the channel. Use [`incoming_from`] if the program takes
+/// other activation handles too.
 pub fn incoming() -> Result<Incoming> {
     let mut activation = crate::activation::take()?;
     incoming_from(&mut activation)
 }
 
-/// Like [`incoming`], taking the channel out of activation handles already
-/// taken.
+/// Like [`incoming`], taking the channel and the state page out of
+/// activation handles already taken.
 pub fn incoming_from(activation: &mut Activation) -> Result<Incoming> {
-    let handle = activation.take_named(CHANNEL_NAME).ok_or_else(|| {
-        Error::Activation(format!(
-            "no {CHANNEL_NAME:?} handle among the activation handles ({}): is this program \
-             started by `handover run --workers`?",
-            if activation.is_empty() {
-                "there are none".to_owned()
-            } else {
-                activation.names().join(", ")
-            }
-        ))
-    })?;
-    Ok(Incoming::new(handle.into_channel()?))
+    let mut take = |name: &str| {
+        activation.take_named(name).ok_or_else(|| {
+            Error::Activation(format!(
+                "no {name:?} handle among the activation handles ({}): is this program \
+                 started by `handover run --workers`?",
+                if activation.is_empty() {
+                    "there are none".to_owned()
+                } else {
+                    activation.names().join(", ")
+                }
+            ))
+        })
+    };
+    let channel = take(CHANNEL_NAME)?.into_channel()?;
+    let state = take(STATE_NAME)?.into_shared_memory()?;
+    Incoming::new(channel, &state)
 }
 
 /// The connections a dispatcher hands this worker. An iterator; each item
 /// is a connection already acknowledged.
 #[derive(Debug)]
 pub struct Incoming {
-    channel: Arc<Channel>,
+    channel: Channel,
+    state: Arc<StatePage>,
+    /// The id of the last delivery read: each must be greater.
+    last_id: u64,
     ready_sent: bool,
 }
 
 impl Incoming {
     /// Connections arriving on `channel`, the worker's end of a dispatch
-    /// channel.
-    pub fn new(channel: Channel) -> Incoming {
-        Incoming {
-            channel: Arc::new(channel),
+    /// channel, acknowledged in the state page `state`.
+    pub fn new(channel: Channel, state: &crate::SharedMemory) -> Result<Incoming> {
+        Ok(Incoming {
+            channel,
+            state: Arc::new(StatePage::open(state)?),
+            last_id: 0,
             ready_sent: false,
-        }
+        })
     }
 
     /// Waits for the next connection. `Ok(None)` once the dispatcher has
@@ -108,18 +122,12 @@ impl Incoming {
         let Some(message) = self.channel.recv()? else {
             return Ok(None);
         };
-        let (delivery, stream) = open_delivery(message)?;
-        // Taken: from here on the connection is ours alone. Should the
-        // acknowledgement not get through, the dispatcher counts this
-        // worker as gone and hands the connection to another, so it must
-        // not be served here too.
-        self.channel.send(&Report::Ack(delivery.id).encode(), &[])?;
+        let (delivery, stream) = take_delivery(message, &self.state, &mut self.last_id)?;
         Ok(Some(Connection {
             stream: Owned(Some(stream)),
             peer: delivery.peer.parse().ok(),
             done: Done {
-                channel: Arc::clone(&self.channel),
-                id: delivery.id,
+                state: Arc::clone(&self.state),
             },
             delivery,
         }))
@@ -134,10 +142,26 @@ impl Iterator for Incoming {
     }
 }
 
-/// Checks one delivery message: its header, and one handle that is a
-/// connected stream socket. Anything else is refused, its handles closed.
-pub(crate) fn open_delivery(mut message: Message) -> Result<(Delivery, Stream)> {
+/// Reads one delivery message and marks it taken in the state page: from
+/// then on the connection is this worker's alone, and the dispatcher will
+/// not hand it to another. A message with an id is marked taken even if
+/// the rest is wrong, so that the dispatcher closes its copy of what this
+/// worker could not use. Then checks it: one handle, a connected stream
+/// socket. Anything else is refused, its handles closed.
+pub(crate) fn take_delivery(
+    mut message: Message,
+    state: &StatePage,
+    last_id: &mut u64,
+) -> Result<(Delivery, Stream)> {
     let delivery = Delivery::decode(&message.bytes).map_err(|e| Error::Dispatch(e.0))?;
+    if delivery.id <= *last_id {
+        return Err(Error::Dispatch(format!(
+            "connection {} came after connection {}: ids must increase",
+            delivery.id, *last_id
+        )));
+    }
+    *last_id = delivery.id;
+    state.set_taken(delivery.id);
     if message.handles.len() != 1 {
         return Err(Error::Dispatch(format!(
             "connection {} came with {} handles instead of one",
@@ -146,17 +170,51 @@ pub(crate) fn open_delivery(mut message: Message) -> Result<(Delivery, Stream)> 
         )));
     }
     let handle = message.handles.remove(0);
-    #[cfg(unix)]
-    use crate::{HandleKind, SocketFamily};
-    let stream = match handle.kind() {
-        #[cfg(unix)]
-        HandleKind::Socket(info) if info.family == SocketFamily::Unix => {
-            use crate::unix::HandleExt;
-            Stream::Unix(handle.into_unix_stream()?)
-        }
-        _ => Stream::Tcp(handle.into_tcp_stream()?),
-    };
+    let stream = into_stream(handle).map_err(|why| {
+        Error::Dispatch(format!(
+            "connection {} came as {why}, not a connected TCP or Unix stream socket",
+            delivery.id
+        ))
+    })?;
     Ok((delivery, stream))
+}
+
+/// The connection as the dispatcher declared it: a connected TCP or Unix
+/// stream socket, taken at its word without asking the OS (four system
+/// calls per connection). The dispatcher is the worker's own supervisor;
+/// were it wrong, reads and writes would fail with the OS's error, no
+/// worse. Undeclared handles are checked.
+fn into_stream(handle: Handle) -> std::result::Result<Stream, String> {
+    use crate::sys;
+    match handle.kind() {
+        HandleKind::Socket(info) if info.socket_type == SocketType::Stream && !info.listening => {
+            match info.family {
+                SocketFamily::Ipv4 | SocketFamily::Ipv6 => {
+                    Ok(Stream::Tcp(sys::into_tcp_stream(handle.raw)))
+                }
+                #[cfg(unix)]
+                SocketFamily::Unix => Ok(Stream::Unix(sys::into_unix_stream(handle.raw))),
+                _ => Err(handle.kind().to_string()),
+            }
+        }
+        HandleKind::Other => {
+            #[cfg(unix)]
+            if let Ok(HandleKind::Socket(info)) = handle.detect_kind() {
+                if info.family == SocketFamily::Unix {
+                    use crate::unix::HandleExt;
+                    return handle
+                        .into_unix_stream()
+                        .map(Stream::Unix)
+                        .map_err(|e| e.to_string());
+                }
+            }
+            handle
+                .into_tcp_stream()
+                .map(Stream::Tcp)
+                .map_err(|e| e.to_string())
+        }
+        other => Err(other.to_string()),
+    }
 }
 
 /// A connection's socket: TCP, or a Unix stream socket when the listener
@@ -203,19 +261,15 @@ impl Drop for Owned {
     }
 }
 
-/// Tells the dispatcher, when dropped, that the worker is finished with a
-/// connection.
+/// Counts a connection finished in the state page, when dropped.
 #[derive(Debug)]
 pub struct Done {
-    channel: Arc<Channel>,
-    id: u64,
+    state: Arc<StatePage>,
 }
 
 impl Drop for Done {
     fn drop(&mut self) {
-        // The dispatcher may be gone (draining, or handover stopped): the
-        // report then has nobody to count it.
-        let _ = self.channel.send(&Report::Done(self.id).encode(), &[]);
+        self.state.add_done();
     }
 }
 

@@ -5,12 +5,13 @@
 //! Every message is one channel message. Its bytes are a JSON object on
 //! one line, ended by `\n`; a connection message is followed by the bytes
 //! the dispatcher peeked, raw, exactly as many as its `peeked` field says,
-//! and carries the connection as its one handle.
+//! and carries the connection as its one handle. What a worker has taken
+//! and finished is not sent: it is counted in the state page (`state.rs`).
 
 use serde::{Deserialize, Serialize};
 
 /// The protocol version a worker announces in `ready`.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The most bytes a dispatcher may pass as peeked: a worker refuses more.
 pub const MAX_PEEKED: usize = 64 * 1024;
@@ -19,7 +20,8 @@ pub const MAX_PEEKED: usize = 64 * 1024;
 /// about it. The connection itself is the message's handle.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delivery {
-    /// Unique per dispatcher and worker channel; what `ack` and `done` name.
+    /// 1 for the first connection on a worker's channel, then one more for
+    /// each: what the state page's `taken` counts in.
     pub id: u64,
     /// The activation name of the listening socket it arrived on.
     pub listener: String,
@@ -45,21 +47,14 @@ struct DeliveryHeader<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Report {
     /// The worker is ready to take connections (sent once, when it first
-    /// asks for one), with the protocol version it speaks.
+    /// asks for one), with the protocol version it speaks. The only report:
+    /// taking and finishing connections are counted in the state page.
     Ready { version: u32 },
-    /// The worker has taken connection `id`: from now on it is the
-    /// worker's, and the dispatcher will not hand it to another.
-    Ack(u64),
-    /// The worker is finished with connection `id` (closed or handed on);
-    /// least-busy dispatch counts the worker's open connections by this.
-    Done(u64),
 }
 
 #[derive(Serialize, Deserialize)]
 struct ReportWire {
     t: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    id: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     version: Option<u32>,
 }
@@ -133,18 +128,7 @@ impl Report {
         let wire = match *self {
             Report::Ready { version } => ReportWire {
                 t: "ready".into(),
-                id: None,
                 version: Some(version),
-            },
-            Report::Ack(id) => ReportWire {
-                t: "ack".into(),
-                id: Some(id),
-                version: None,
-            },
-            Report::Done(id) => ReportWire {
-                t: "done".into(),
-                id: Some(id),
-                version: None,
             },
         };
         let mut out = serde_json::to_vec(&wire).unwrap_or_default();
@@ -159,13 +143,10 @@ impl Report {
         }
         let w: ReportWire =
             serde_json::from_slice(line).map_err(|e| bad(format!("bad report: {e}")))?;
-        let id = || w.id.ok_or_else(|| bad(format!("{:?} without an id", w.t)));
         match w.t.as_str() {
             "ready" => Ok(Report::Ready {
                 version: w.version.ok_or_else(|| bad("ready without a version"))?,
             }),
-            "ack" => Ok(Report::Ack(id()?)),
-            "done" => Ok(Report::Done(id()?)),
             other => Err(bad(format!("unknown report type {other:?}"))),
         }
     }
@@ -209,22 +190,22 @@ mod tests {
 
     #[test]
     fn reports_round_trip_and_garbage_is_an_error() {
-        for r in [
-            Report::Ready { version: 1 },
-            Report::Ack(3),
-            Report::Done(u64::MAX),
-        ] {
+        for r in [Report::Ready { version: 2 }, Report::Ready { version: 0 }] {
             assert_eq!(Report::decode(&r.encode()).unwrap(), r);
         }
+        assert_eq!(
+            Report::Ready { version: 2 }.encode(),
+            b"{\"t\":\"ready\",\"version\":2}\n"
+        );
         for junk in [
             &b""[..],
             b"\n",
             b"{}\n",
-            b"{\"t\":\"ack\"}\n",
+            b"{\"t\":\"ack\",\"id\":1}\n",
             b"{\"t\":\"ready\"}\n",
             b"{\"t\":\"nope\",\"id\":1}\n",
-            b"{\"t\":\"ack\",\"id\":-1}\n",
-            b"{\"t\":\"ack\",\"id\":1}\nextra",
+            b"{\"t\":\"ready\",\"version\":-1}\n",
+            b"{\"t\":\"ready\",\"version\":2}\nextra",
             b"\xff\xfe\n",
         ] {
             assert!(Report::decode(junk).is_err(), "{junk:?}");
