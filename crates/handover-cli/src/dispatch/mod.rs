@@ -77,7 +77,7 @@ enum Listener {
 }
 
 struct Listening {
-    name: String,
+    name: std::rc::Rc<str>,
     socket: Listener,
 }
 
@@ -213,7 +213,10 @@ fn take_listeners() -> Result<Vec<Listening>> {
     let mut out = Vec::new();
     for (handle, name) in handles.into_iter().zip(names) {
         let socket = listener(handle).with_context(|| format!("activation socket {name:?}"))?;
-        out.push(Listening { name, socket });
+        out.push(Listening {
+            name: name.into(),
+            socket,
+        });
     }
     Ok(out)
 }

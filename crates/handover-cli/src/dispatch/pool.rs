@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use handover::dispatch::protocol::{Delivery, Report, VERSION};
+use handover::dispatch::protocol::{encode_delivery, Report, VERSION};
 use handover::dispatch::state::StatePage;
 use handover::dispatch::{CHANNEL_NAME, STATE_NAME};
 use handover::{Channel, Child, Command, Handle};
@@ -46,7 +46,8 @@ pub enum Policy {
 /// A connection accepted and not yet taken by a worker.
 pub struct Conn {
     pub handle: Handle,
-    pub listener: String,
+    /// The listener's activation name, shared by its connections.
+    pub listener: std::rc::Rc<str>,
     pub peer: String,
     pub peeked: Vec<u8>,
 }
@@ -82,6 +83,8 @@ pub struct Pool {
     pub queue: VecDeque<Conn>,
     policy: Policy,
     turn: usize,
+    /// The message being sent, reused for every delivery.
+    message: Vec<u8>,
 }
 
 impl Worker {
@@ -163,6 +166,7 @@ impl Pool {
             queue: VecDeque::new(),
             policy,
             turn: 0,
+            message: Vec::new(),
         })
     }
 
@@ -378,19 +382,20 @@ impl Pool {
                 return;
             };
             let id = self.workers[slot].sent + 1;
-            let delivery = Delivery {
+            encode_delivery(
                 id,
-                listener: conn.listener.clone(),
-                peer: conn.peer.clone(),
-                peeked: conn.peeked.clone(),
-            };
+                &conn.listener,
+                &conn.peer,
+                &conn.peeked,
+                &mut self.message,
+            );
             let w = &mut self.workers[slot];
             let Some(ch) = &w.channel else {
                 self.queue.push_front(conn);
                 return;
             };
             let sent = ch.send_timeout(
-                &delivery.encode(),
+                &self.message,
                 std::slice::from_ref(&conn.handle),
                 SEND_TIMEOUT,
             );

@@ -77,19 +77,28 @@ fn split_line(bytes: &[u8]) -> Result<(&[u8], &[u8]), ProtocolError> {
     Ok((&bytes[..end], &bytes[end + 1..]))
 }
 
+/// A delivery's message bytes, written over `out` (a buffer reused for
+/// every connection) from borrowed parts.
+pub fn encode_delivery(id: u64, listener: &str, peer: &str, peeked: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    let header = DeliveryHeader {
+        t: "conn",
+        id,
+        listener,
+        peer,
+        peeked: peeked.len(),
+    };
+    // Serializing plain strings and numbers into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, &header);
+    out.push(b'\n');
+    out.extend_from_slice(peeked);
+}
+
 impl Delivery {
     /// The message bytes (the connection goes as its handle).
     pub fn encode(&self) -> Vec<u8> {
-        let header = DeliveryHeader {
-            t: "conn",
-            id: self.id,
-            listener: &self.listener,
-            peer: &self.peer,
-            peeked: self.peeked.len(),
-        };
-        let mut out = serde_json::to_vec(&header).unwrap_or_default();
-        out.push(b'\n');
-        out.extend_from_slice(&self.peeked);
+        let mut out = Vec::new();
+        encode_delivery(self.id, &self.listener, &self.peer, &self.peeked, &mut out);
         out
     }
 
