@@ -68,8 +68,11 @@ const MAX_WAITING: usize = 1024;
 const ACCEPT_BURST: usize = 64;
 /// How long a taken connection may wait to be seen in its worker's state
 /// page (and the dispatcher's copy of it to be closed) when nothing wakes
-/// the loop sooner.
+/// the loop sooner. While looks find nothing new taken (a worker busy with
+/// a long request, or hung) the wait doubles, up to `LAZY_STATE_MAX`, so a
+/// stuck worker does not keep the loop spinning.
 const LAZY_STATE: Duration = Duration::from_millis(1);
+const LAZY_STATE_MAX: Duration = Duration::from_millis(64);
 
 enum Listener {
     Tcp(TcpListener),
@@ -139,6 +142,8 @@ struct Dispatcher {
     signals: Signals,
     draining: bool,
     ready_sent: bool,
+    /// The current wait between looks at the state pages (see LAZY_STATE).
+    lazy: Duration,
 }
 
 impl AsFd for Listener {
@@ -184,6 +189,7 @@ pub fn run(args: DispatchArgs) -> Result<()> {
         signals,
         draining: false,
         ready_sent: false,
+        lazy: LAZY_STATE,
     };
     loop {
         d.step()?;
@@ -254,7 +260,7 @@ impl Dispatcher {
             .min();
         for p in &self.pools {
             // Deliveries not yet taken are looked for at least this often.
-            let lazy = p.outstanding().then(|| Instant::now() + LAZY_STATE);
+            let lazy = p.outstanding().then(|| Instant::now() + self.lazy);
             for t in [p.next_restart(), lazy] {
                 deadline = match (deadline, t) {
                     (Some(a), Some(b)) => Some(a.min(b)),
@@ -332,18 +338,24 @@ impl Dispatcher {
         }
         self.peek(&peek_ready);
         let now = Instant::now();
+        let mut fresh = false;
         for pool in &mut self.pools {
             if !self.draining || !pool.queue.is_empty() {
                 pool.restart_due(now);
             }
             // Taken connections free room and close our copies; finished
             // ones count for least-busy.
-            pool.observe();
-            pool.deliver();
+            fresh |= pool.observe();
+            fresh |= pool.deliver();
             if self.draining {
                 pool.end_idle();
             }
         }
+        self.lazy = if fresh {
+            LAZY_STATE
+        } else {
+            (self.lazy * 2).min(LAZY_STATE_MAX)
+        };
         if !self.ready_sent && self.pools.iter().all(Pool::ready) {
             self.ready_sent = true;
             tracing::info!("every worker is ready");

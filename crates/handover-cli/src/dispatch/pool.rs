@@ -249,16 +249,21 @@ impl Pool {
     }
 
     /// Reads every worker's state page (no system call); a worker whose
-    /// page breaks the protocol is lost.
-    pub fn observe(&mut self) {
+    /// page breaks the protocol is lost. Whether some worker took
+    /// something since the last look.
+    pub fn observe(&mut self) -> bool {
+        let mut progress = false;
         for slot in 0..self.workers.len() {
             if self.workers[slot].channel.is_none() {
                 continue;
             }
-            if let Err(why) = self.workers[slot].observe() {
-                self.lose(slot, &why);
+            let before = self.workers[slot].taken;
+            match self.workers[slot].observe() {
+                Ok(()) => progress |= self.workers[slot].taken != before,
+                Err(why) => self.lose(slot, &why),
             }
         }
+        progress
     }
 
     /// Reads what worker `slot` sent: `ready`, or the end of its channel.
@@ -374,12 +379,14 @@ impl Pool {
         }
     }
 
-    /// Hands queued connections to workers while some can take one.
-    pub fn deliver(&mut self) {
+    /// Hands queued connections to workers while some can take one;
+    /// whether it handed any.
+    pub fn deliver(&mut self) -> bool {
+        let mut any = false;
         while let Some(conn) = self.queue.pop_front() {
             let Some(slot) = self.pick() else {
                 self.queue.push_front(conn);
-                return;
+                return any;
             };
             let id = self.workers[slot].sent + 1;
             encode_delivery(
@@ -392,7 +399,7 @@ impl Pool {
             let w = &mut self.workers[slot];
             let Some(ch) = &w.channel else {
                 self.queue.push_front(conn);
-                return;
+                return any;
             };
             let sent = ch.send_timeout(
                 &self.message,
@@ -403,6 +410,7 @@ impl Pool {
                 Ok(()) => {
                     w.sent = id;
                     w.unacked.push_back((id, conn));
+                    any = true;
                 }
                 Err(e) => {
                     self.queue.push_front(conn);
@@ -410,6 +418,7 @@ impl Pool {
                 }
             }
         }
+        any
     }
 
     fn pick(&mut self) -> Option<usize> {
