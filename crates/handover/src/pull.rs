@@ -21,7 +21,10 @@ use crate::sys;
 /// Duplicates handle `number` of process `pid` into this process.
 ///
 /// `number` is a file descriptor number on Linux, and a HANDLE or SOCKET
-/// value on Windows (whose handle values have 32 significant bits). The
+/// value on Windows (whose handle values have 32 significant bits; they
+/// are multiples of 4, and any other value is refused as
+/// [`PullError::NoSuchHandle`] rather than taken, as Windows would, for
+/// the multiple of 4 below it). The
 /// returned [`Handle`] has no name, and its kind is what the OS says it is
 /// now, so the typed conversions (`into_tcp_listener`, …) work as on any
 /// handle made in this process. It is not inheritable (close-on-exec).
@@ -36,8 +39,10 @@ use crate::sys;
 ///   process. A socket is pulled as a handle and then made into a socket of
 ///   this process through `WSADuplicateSocketW`, so that Winsock knows it
 ///   here; a layered service provider (LSP) that does not recognise the
-///   raw duplicate makes it arrive as a plain handle of kind `Other`, which
-///   the socket conversions refuse.
+///   raw duplicate makes it arrive as a plain handle (of kind `Pipe`, as
+///   Windows reports socket handles), which the socket conversions refuse.
+///   A process that has exited but is still held open by someone is
+///   reported as [`PullError::NoSuchProcess`].
 pub fn pull(pid: u32, number: u32) -> Result<Handle, PullError> {
     let raw = sys::pull(pid, number)?;
     Ok(Handle::from_raw(raw))

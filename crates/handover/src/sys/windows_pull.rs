@@ -4,22 +4,29 @@
 //! process by `WSADuplicateSocketW` + `WSASocketW` (std's
 //! `OwnedSocket::try_clone`), so that Winsock and any layered provider
 //! know it here, and the raw duplicate is closed.
+//!
+//! `WSADuplicateSocketW` is also what tells a socket from a pipe: it is
+//! the one Winsock call that takes a handle this process's Winsock never
+//! made both on Windows (where ws2_32 adopts any IFS socket handle) and
+//! under Wine (whose `getsockopt` and `closesocket` answer WSAENOTSOCK
+//! for a handle that ws2_32 did not create or import itself).
 
 use std::io;
 use std::os::windows::io::{
-    AsRawHandle, AsRawSocket, FromRawHandle, FromRawSocket, IntoRawSocket, OwnedHandle,
-    OwnedSocket, RawHandle,
+    AsRawHandle, FromRawHandle, FromRawSocket, IntoRawHandle, OwnedHandle, OwnedSocket,
 };
 
 use windows_sys::Win32::Foundation::{
-    DuplicateHandle, DUPLICATE_SAME_ACCESS, ERROR_ACCESS_DENIED, ERROR_INVALID_HANDLE,
-    ERROR_INVALID_PARAMETER, HANDLE,
+    CloseHandle, DuplicateHandle, DUPLICATE_SAME_ACCESS, ERROR_ACCESS_DENIED, ERROR_INVALID_HANDLE,
+    ERROR_INVALID_PARAMETER, HANDLE, WAIT_OBJECT_0,
 };
-use windows_sys::Win32::Networking::WinSock::SO_TYPE;
+use windows_sys::Win32::Networking::WinSock::{closesocket, WSAGetLastError, WSAENOTSOCK};
 use windows_sys::Win32::Storage::FileSystem::{GetFileType, FILE_TYPE_CHAR, FILE_TYPE_DISK};
-use windows_sys::Win32::System::Threading::{GetCurrentProcess, OpenProcess, PROCESS_DUP_HANDLE};
+use windows_sys::Win32::System::Threading::{
+    GetCurrentProcess, OpenProcess, WaitForSingleObject, PROCESS_DUP_HANDLE, PROCESS_SYNCHRONIZE,
+};
 
-use super::windows::{sockopt_int, winsock_init, OwnedRaw};
+use super::windows::{winsock_init, OwnedRaw};
 use crate::pull::PullError;
 
 pub(crate) fn pull(pid: u32, number: u32) -> Result<OwnedRaw, PullError> {
@@ -32,8 +39,9 @@ pub(crate) fn pull(pid: u32, number: u32) -> Result<OwnedRaw, PullError> {
             Some(ERROR_ACCESS_DENIED) => PullError::PermissionDenied {
                 pid,
                 permission: "PROCESS_DUP_HANDLE",
-                cause: "the process runs as another user, at a higher integrity level, or is \
-                        protected; only an elevated caller with SeDebugPrivilege may open it"
+                cause: "the process runs as another user, at a higher integrity level, is \
+                        protected, or its DACL does not grant it; only an elevated caller with \
+                        SeDebugPrivilege may open it regardless"
                     .into(),
             },
             _ => PullError::Io {
@@ -45,7 +53,11 @@ pub(crate) fn pull(pid: u32, number: u32) -> Result<OwnedRaw, PullError> {
     }
     // SAFETY: a fresh process handle that nothing else owns.
     let process = unsafe { OwnedHandle::from_raw_handle(process as _) };
-    if number == 0 {
+    // Handle values are multiples of 4. The kernel (and Wine) ignore the
+    // low two bits, so 4n+1 would silently be handle 4n: refused instead.
+    // The value is widened without sign extension, so that no 32-bit value
+    // can become a pseudo-handle (-1 is the source process itself).
+    if number == 0 || number & 3 != 0 {
         return Err(PullError::NoSuchHandle { pid, number });
     }
     let mut out: HANDLE = std::ptr::null_mut();
@@ -64,6 +76,12 @@ pub(crate) fn pull(pid: u32, number: u32) -> Result<OwnedRaw, PullError> {
     };
     if ok == 0 {
         let e = io::Error::last_os_error();
+        // A process that has exited but whose process object is still
+        // held somewhere has no handle table any more: Windows answers
+        // ERROR_ACCESS_DENIED, Wine ERROR_INVALID_HANDLE. Say it exited.
+        if has_exited(pid) {
+            return Err(PullError::NoSuchProcess { pid });
+        }
         return Err(match e.raw_os_error().map(|c| c as u32) {
             Some(ERROR_INVALID_HANDLE) => PullError::NoSuchHandle { pid, number },
             _ => PullError::Io {
@@ -73,35 +91,64 @@ pub(crate) fn pull(pid: u32, number: u32) -> Result<OwnedRaw, PullError> {
             },
         });
     }
-    // SAFETY: a fresh handle that nothing else owns, held as a socket
-    // only while Winsock is asked whether it is one.
-    let dup = unsafe { OwnedSocket::from_raw_socket(out as usize as u64) };
-    if !is_socket(&dup) {
-        // SAFETY: the same owned value, passed on as owned.
-        let h = unsafe { OwnedHandle::from_raw_handle(dup.into_raw_socket() as RawHandle) };
-        return Ok(OwnedRaw::Handle(h));
+    drop(process);
+    // SAFETY: a fresh handle that nothing else owns.
+    let dup = unsafe { OwnedHandle::from_raw_handle(out as _) };
+    // SAFETY: the handle is open for the call.
+    let ty = unsafe { GetFileType(dup.as_raw_handle() as HANDLE) };
+    if ty == FILE_TYPE_DISK || ty == FILE_TYPE_CHAR {
+        return Ok(OwnedRaw::Handle(dup));
     }
+    winsock_init();
     // A socket this process's Winsock made (WSADuplicateSocketW for this
-    // pid, then WSASocketW): the reliable kind. Where that fails the raw
-    // duplicate is kept, which works with the in-box providers.
-    match dup.try_clone() {
-        Ok(socket) => Ok(OwnedRaw::Socket(socket)),
+    // pid, then WSASocketW): the reliable kind. std's socket is borrowed
+    // from the duplicate only for the call.
+    // SAFETY: `dup` stays owned (and open) by this function; ManuallyDrop
+    // keeps the borrowed OwnedSocket from closing it.
+    let borrowed = std::mem::ManuallyDrop::new(unsafe {
+        OwnedSocket::from_raw_socket(dup.as_raw_handle() as usize as u64)
+    });
+    match borrowed.try_clone() {
+        Ok(socket) => {
+            close_raw_socket(dup);
+            Ok(OwnedRaw::Socket(socket))
+        }
+        Err(e) if e.raw_os_error() == Some(WSAENOTSOCK) => Ok(OwnedRaw::Handle(dup)),
         Err(e) => {
-            tracing::debug!(pid, number, error = %e, "WSADuplicateSocketW failed; keeping the raw duplicate");
-            Ok(OwnedRaw::Socket(dup))
+            // A socket that a layered provider does not let be duplicated:
+            // the raw duplicate is kept, which works with the in-box
+            // providers, as a plain handle (kind `Other` or `Pipe`).
+            tracing::debug!(pid, number, error = %e, "WSADuplicateSocketW failed; keeping the raw duplicate as a handle");
+            Ok(OwnedRaw::Handle(dup))
         }
     }
 }
 
-/// Whether Winsock takes `s` for a socket. Files and character devices
-/// are never asked.
-fn is_socket(s: &OwnedSocket) -> bool {
-    // SAFETY: the handle is open for the call.
-    let ty = unsafe { GetFileType(s.as_raw_socket() as usize as HANDLE) };
-    if ty == FILE_TYPE_DISK || ty == FILE_TYPE_CHAR {
+/// Whether process `pid` (which this process holds open, so the pid
+/// still names it) has exited. False when it cannot be asked.
+fn has_exited(pid: u32) -> bool {
+    // SAFETY: no pointers; a null result is checked.
+    let h = unsafe { OpenProcess(PROCESS_SYNCHRONIZE, 0, pid) };
+    if h.is_null() {
         return false;
     }
-    winsock_init();
-    // Winsock fails with WSAENOTSOCK on what is not a socket.
-    sockopt_int(s, SO_TYPE).is_ok()
+    // SAFETY: a fresh process handle that nothing else owns.
+    let h = unsafe { OwnedHandle::from_raw_handle(h as _) };
+    // SAFETY: the handle is open; a zero timeout only polls.
+    unsafe { WaitForSingleObject(h.as_raw_handle() as HANDLE, 0) == WAIT_OBJECT_0 }
+}
+
+/// Closes the raw duplicate of a socket once a proper copy is made:
+/// `closesocket`, so that Winsock forgets whatever it recorded about the
+/// value (Windows adopted it in WSADuplicateSocketW), and `CloseHandle`
+/// where Winsock does not take it for one of its sockets (Wine, which
+/// then closes nothing).
+fn close_raw_socket(dup: OwnedHandle) {
+    let raw = dup.into_raw_handle();
+    // SAFETY: `raw` is owned here and closed exactly once below.
+    unsafe {
+        if closesocket(raw as usize) != 0 && WSAGetLastError() == WSAENOTSOCK {
+            CloseHandle(raw as HANDLE);
+        }
+    }
 }
