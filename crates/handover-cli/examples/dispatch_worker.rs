@@ -20,7 +20,10 @@
 //! `--delay-ready SECS` waits before asking for the first connection;
 //! `--corrupt-state-after N` writes a lie into its state page (that it
 //! took connection 2^64-1) once it has taken N connections, as a broken
-//! worker would — the dispatcher must drop it;
+//! worker would — the dispatcher must drop it; `--corrupt-done-after N`
+//! counts 1,000 connections done that it never took, instead;
+//! `--close-after N` closes its channel after N connections, serves them,
+//! and lives on 10 s before exiting;
 //! `--log-connections` prints `dispatch_worker: pool P took connection ID
 //! listener L peeked K first-bytes-match yes|no rcvlowat R` to stderr for
 //! each connection, after reading its first K bytes and comparing them
@@ -45,6 +48,8 @@ fn main() {
     let mut delay_ready = 0.0f64;
     let mut log = false;
     let mut corrupt_after: Option<usize> = None;
+    let mut corrupt_done = false;
+    let mut close_after: Option<usize> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut number = || args.next().and_then(|v| v.parse::<f64>().ok());
@@ -54,6 +59,11 @@ fn main() {
             "--delay-ready" => delay_ready = number().unwrap_or(0.0),
             "--log-connections" => log = true,
             "--corrupt-state-after" => corrupt_after = number().map(|n| n as usize),
+            "--corrupt-done-after" => {
+                corrupt_after = number().map(|n| n as usize);
+                corrupt_done = true;
+            }
+            "--close-after" => close_after = number().map(|n| n as usize),
             other => fail(&format!("unknown argument {other:?}")),
         }
     }
@@ -97,8 +107,19 @@ fn main() {
                     "dispatch_worker: pid {} corrupting its state page\n",
                     std::process::id()
                 ));
-                page.set_taken(u64::MAX);
+                if corrupt_done {
+                    (0..1000).for_each(|_| page.add_done());
+                } else {
+                    page.set_taken(u64::MAX);
+                }
             }
+        }
+        if close_after.is_some_and(|n| taken + 1 >= n) {
+            say(&format!(
+                "dispatch_worker: pid {} closing its channel\n",
+                std::process::id()
+            ));
+            break;
         }
         if stall_after.is_some_and(|n| taken + 1 >= n) {
             say(&format!(
@@ -111,9 +132,13 @@ fn main() {
             }
         }
     }
-    // The dispatcher ended the channel: finish what we have, then exit.
+    // The dispatcher ended the channel (or we closed it): finish what we
+    // have, then exit.
     for t in threads {
         let _ = t.join();
+    }
+    if close_after.is_some() {
+        std::thread::sleep(Duration::from_secs(10));
     }
 }
 

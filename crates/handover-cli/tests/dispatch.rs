@@ -370,21 +370,24 @@ fn a_hung_worker_killed_mid_load_loses_no_connection_and_is_restarted() {
     h.stop();
 }
 
-#[test]
-fn a_worker_whose_state_page_lies_is_dropped_and_restarted() {
+/// Worker 0, the first time only, runs with `flag 2`: it breaks its state
+/// page once it has taken 2 connections. It is dropped and restarted,
+/// `says` is logged, and what it took is never handed to another worker.
+fn a_lying_page(flag: &str, says: &str) {
     let dir = TempDir::new("dispatch-liar");
     let ctl = dir.join("ctl");
     let mark = dir.join("lied");
-    // Worker 0, the first time only, claims an impossible connection once
-    // it has taken 2.
-    let script = r#"if [ "$HANDOVER_WORKER" = 0 ] && mkdir "$1" 2>/dev/null; then exec "$0" --corrupt-state-after 2; fi; exec "$0""#;
+    let script = format!(
+        r#"if [ "$HANDOVER_WORKER" = 0 ] && mkdir "$1" 2>/dev/null; then exec "$0" {flag} 2; fi; exec "$0""#
+    );
     let (mut h, addr) = start(
         &ctl,
         &["--workers", "2", "--dispatch", "round-robin"],
-        &worker_via_sh(script, &[&mark]),
+        &worker_via_sh(&script, &[&mark]),
     );
     // Requests one after another: the liar's share goes to it until the
-    // dispatcher reads the lie.
+    // dispatcher reads the lie (its connection then may fail: it is
+    // killed while serving).
     let mut liar = None;
     for _ in 0..20 {
         if let Ok(a) = try_get(addr, "t") {
@@ -394,14 +397,18 @@ fn a_worker_whose_state_page_lies_is_dropped_and_restarted() {
         }
     }
     let liar = liar.expect("worker 0 served before it lied");
-    let err = wait_log(
-        &h,
-        "its state page says it took connection 18446744073709551615",
-        1,
-    );
+    let err = wait_log(&h, says, 1);
     let lost = err.lines().find(|l| l.contains("worker lost")).unwrap();
     assert!(lost.contains(&format!("pid={liar}")), "{lost}");
     wait_log(&h, "worker died; restarting", 1);
+    // What it had taken is its own: never handed on, so never served by
+    // two workers.
+    assert!(
+        !h.stderr()
+            .contains("handing the connections it had not taken"),
+        "{}",
+        h.report()
+    );
     // A new worker 0 serves; requests keep being answered.
     let new_pid = wait_for("a new worker 0 to serve", TIMEOUT, || {
         try_get(addr, "t")
@@ -414,6 +421,48 @@ fn a_worker_whose_state_page_lies_is_dropped_and_restarted() {
     for _ in 0..20 {
         try_get(addr, "t").unwrap_or_else(|e| panic!("{e}\n{}", h.report()));
     }
+    h.stop();
+}
+
+#[test]
+fn a_worker_whose_page_claims_a_connection_never_sent_is_dropped() {
+    a_lying_page(
+        "--corrupt-state-after",
+        "its state page says it took connection 18446744073709551615",
+    );
+}
+
+#[test]
+fn a_worker_whose_page_counts_more_done_than_taken_is_dropped() {
+    a_lying_page("--corrupt-done-after", "connections finished of");
+}
+
+#[test]
+fn a_worker_that_closes_its_channel_gets_nothing_more_and_loses_nothing() {
+    let dir = TempDir::new("dispatch-closer");
+    let ctl = dir.join("ctl");
+    let mark = dir.join("closed");
+    // Worker 0, the first time only, closes its channel after 2
+    // connections and lives on 10 s: what is sent to it meanwhile must go
+    // to worker 1 at once, not when the process exits.
+    let script = r#"if [ "$HANDOVER_WORKER" = 0 ] && mkdir "$1" 2>/dev/null; then exec "$0" --close-after 2; fi; exec "$0""#;
+    let (mut h, addr) = start(
+        &ctl,
+        &["--workers", "2", "--dispatch", "round-robin"],
+        &worker_via_sh(script, &[&mark]),
+    );
+    for i in 0..20 {
+        let began = Instant::now();
+        try_get(addr, "t").unwrap_or_else(|e| panic!("request {i}: {e}\n{}", h.report()));
+        assert!(
+            began.elapsed() < Duration::from_secs(5),
+            "request {i} waited {:?} for a worker that closed its channel\n{}",
+            began.elapsed(),
+            h.report()
+        );
+    }
+    wait_log(&h, "worker closed its channel", 1);
+    assert!(!h.stderr().contains("worker lost"), "{}", h.report());
     h.stop();
 }
 

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::io;
+#[cfg(target_has_atomic = "64")]
 use std::sync::atomic::AtomicU64;
 
 use crate::error::{Error, Result};
@@ -179,24 +180,30 @@ impl Mapping {
 
     /// The 8 bytes at `offset` as an atomic integer, for counters and flags
     /// that processes sharing the memory update without a system call.
-    /// Fails (InvalidInput) unless they lie inside the mapping and `offset`
-    /// is a multiple of 8 (mappings start on a page boundary, so the
-    /// integer is then aligned). Every process must use atomic operations
-    /// on it; the value is in the machine's byte order.
+    /// Fails (InvalidInput) unless they lie inside the mapping and are
+    /// aligned for an atomic (mappings start on a page boundary, so any
+    /// multiple of 8 is). Every process must use atomic operations on them,
+    /// and this process must not also copy those bytes with
+    /// [`read_at`](Self::read_at) or [`write_at`](Self::write_at): mixing
+    /// plain and atomic access to the same bytes is a data race. The value
+    /// is in the machine's byte order.
+    #[cfg(target_has_atomic = "64")]
     pub fn atomic_u64(&self, offset: usize) -> io::Result<&AtomicU64> {
         self.check(offset, 8)?;
-        if offset % 8 != 0 {
+        let at = self.view.ptr().wrapping_add(offset);
+        if (at as usize) % std::mem::align_of::<AtomicU64>() != 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("offset {offset} is not a multiple of 8"),
+                format!("offset {offset} is not aligned for a 64-bit atomic"),
             ));
         }
-        // SAFETY: the 8 bytes lie inside the live mapping, which outlives
-        // the borrow, and are 8-aligned (a page-aligned base plus a
-        // multiple of 8). Other processes may change them at any time,
-        // which an atomic allows; only atomic operations reach them
-        // through the reference.
-        Ok(unsafe { AtomicU64::from_ptr(self.view.ptr().add(offset).cast()) })
+        // SAFETY: the 8 bytes lie inside the live mapping (checked above),
+        // which outlives the borrow, and are aligned for an AtomicU64
+        // (checked above). Other processes may change them at any time,
+        // which an atomic allows; only atomic operations reach them through
+        // the reference, and the documentation above forbids this
+        // process's plain copies of them.
+        Ok(unsafe { AtomicU64::from_ptr(at.cast()) })
     }
 
     /// The whole mapping as a slice.

@@ -102,6 +102,16 @@ fn send_only_copy(dispatcher: &Channel, bytes: &[u8], server: TcpStream) {
     // Our copy goes with `handle`, as the dispatcher's does once acked.
 }
 
+/// A delivery of the server's socket, keeping a copy as the dispatcher
+/// does until it sees the connection taken.
+fn send_keeping_copy(dispatcher: &Channel, bytes: &[u8], server: TcpStream) -> Handle {
+    let handle = Handle::from(server);
+    dispatcher
+        .send(bytes, std::slice::from_ref(&handle))
+        .expect("sending a delivery");
+    handle
+}
+
 #[test]
 fn ready_is_sent_before_any_delivery_arrives() {
     let _serial = serial();
@@ -129,7 +139,7 @@ fn a_delivery_becomes_an_acknowledged_connection_read_from_its_first_byte() {
     let peer = client.local_addr().unwrap();
     // The dispatcher peeked the head (say 20 bytes of it) without consuming.
     let peeked = &request[..20];
-    send_only_copy(
+    let dispatchers_copy = send_keeping_copy(
         &dispatcher,
         &delivery(41, &peer.to_string(), peeked),
         server,
@@ -162,7 +172,10 @@ fn a_delivery_becomes_an_acknowledged_connection_read_from_its_first_byte() {
 
     drop(conn);
     assert_eq!(page.done(), 1);
+    // The dispatcher still holds its copy, yet the client sees the end:
+    // a dropped connection is shut down, not only closed.
     closed(&mut client);
+    drop(dispatchers_copy);
 
     // into_parts: done is counted when its Done goes, not the stream.
     let Tcp { client, server } = tcp();
@@ -285,6 +298,7 @@ fn malformed_deliveries(
         let (bytes, handles, mut clients) = make(id);
         let before = open_fds() - handles.len();
         let taken_before = page.taken();
+        let done_before = page.done();
         dispatcher.send(&bytes, &handles).unwrap();
         drop(handles);
         let e = accept().expect_err(what);
@@ -293,6 +307,10 @@ fn malformed_deliveries(
         let readable_id = says != "dispatch protocol";
         let expect = if readable_id { id } else { taken_before };
         assert_eq!(page.taken(), expect, "{what}: taken");
+        // Refused once taken, it is finished too: least-busy must not
+        // count it open.
+        let finished = done_before + u64::from(readable_id);
+        assert_eq!(page.done(), finished, "{what}: done");
         for c in &mut clients {
             c.set_read_timeout(Some(TIMEOUT)).unwrap();
             closed(c);

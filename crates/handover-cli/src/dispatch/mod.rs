@@ -290,7 +290,7 @@ impl Dispatcher {
             let worker_at = fds.len();
             let mut owners = Vec::new();
             for (pi, pool) in self.pools.iter().enumerate() {
-                for (slot, ch) in pool.watched(self.draining) {
+                for (slot, ch) in pool.watched() {
                     fds.push(PollFd::new(ch, PollFlags::IN));
                     owners.push((pi, slot));
                 }

@@ -16,11 +16,17 @@ use handover::dispatch::state::StatePage;
 use handover::dispatch::{CHANNEL_NAME, STATE_NAME};
 use handover::{Channel, Child, Command, Handle};
 
-/// How many connections a worker may have unacknowledged at once. A
+/// How many connections a worker may have not yet taken at once. A
 /// worker that stops taking connections holds at most this many (they go
-/// elsewhere if it dies), and the channel's buffer never fills, so a send
-/// to a worker never blocks the dispatcher.
+/// elsewhere if it dies), and, with MAX_UNACKED_BYTES, the channel's
+/// buffer never fills, so a send to a worker does not wait.
 pub const MAX_UNACKED: usize = 64;
+
+/// The peeked bytes a worker may have in deliveries not yet taken: with
+/// routing, each delivery carries up to 64 KiB, and 64 of them would
+/// overflow the channel's buffer. A worker with no delivery waiting always
+/// gets one.
+pub const MAX_UNACKED_BYTES: usize = 128 * 1024;
 
 /// How long a send to a worker may take before the worker is passed over
 /// for this connection.
@@ -67,6 +73,8 @@ pub struct Worker {
     done: u64,
     /// Delivered, not yet taken, in id order: ours to hand elsewhere.
     unacked: VecDeque<(u64, Conn)>,
+    /// The peeked bytes those deliveries carried.
+    unacked_bytes: usize,
     started: Instant,
     restart_at: Option<Instant>,
     backoff: Duration,
@@ -96,6 +104,11 @@ impl Worker {
     /// no longer needs our copy, and what it finished counts for least-busy.
     /// A page that goes backwards, claims a delivery never sent, or counts
     /// more finished than taken is the worker breaking the protocol.
+    ///
+    /// An impossible `taken` says nothing about what the worker really
+    /// took, and a connection must never be served twice: everything sent
+    /// to it then counts as taken (our copies close; a client it never got
+    /// loses its connection rather than risk two servers).
     fn observe(&mut self) -> Result<(), String> {
         let Some(page) = &self.state else {
             return Ok(());
@@ -104,31 +117,50 @@ impl Worker {
         // read in this order an honest worker never shows done > taken.
         let done = page.done();
         let taken = page.taken();
-        if taken < self.taken || taken > self.sent {
-            return Err(format!(
+        let mut broken = None;
+        let taken = if taken < self.taken || taken > self.sent {
+            broken = Some(format!(
                 "its state page says it took connection {taken}, but {} were sent and {} taken \
                  before",
                 self.sent, self.taken
             ));
-        }
-        if done < self.done || done > taken {
-            return Err(format!(
-                "its state page counts {done} connections finished of {taken} taken ({} before)",
-                self.done
-            ));
-        }
+            self.sent
+        } else {
+            taken
+        };
         self.taken = taken;
-        self.done = done;
         // Taken: our copy closes here, and the worker's close alone ends
         // the connection.
         while self.unacked.front().is_some_and(|(id, _)| *id <= taken) {
-            self.unacked.pop_front();
+            self.drop_front();
         }
-        Ok(())
+        if done < self.done || done > taken {
+            broken.get_or_insert(format!(
+                "its state page counts {done} connections finished of {taken} taken ({} before)",
+                self.done
+            ));
+        } else {
+            self.done = done;
+        }
+        broken.map_or(Ok(()), Err)
     }
 
+    /// Closes our copy of the oldest delivery not yet taken.
+    fn drop_front(&mut self) {
+        if let Some((_, conn)) = self.unacked.pop_front() {
+            self.unacked_bytes -= conn.peeked.len();
+        }
+    }
+
+    /// Room for one more delivery: fewer than MAX_UNACKED not yet taken,
+    /// and their peeked bytes under MAX_UNACKED_BYTES (so that the channel
+    /// buffer never fills and a send never waits on a busy worker).
     fn can_take(&self) -> bool {
-        self.ready && !self.ended && self.channel.is_some() && self.unacked.len() < MAX_UNACKED
+        self.ready
+            && !self.ended
+            && self.channel.is_some()
+            && self.unacked.len() < MAX_UNACKED
+            && self.unacked_bytes < MAX_UNACKED_BYTES
     }
 
     pub fn is_running(&self) -> bool {
@@ -152,6 +184,7 @@ impl Pool {
                 taken: 0,
                 done: 0,
                 unacked: VecDeque::new(),
+                unacked_bytes: 0,
                 started: Instant::now(),
                 restart_at: Some(Instant::now()),
                 backoff: FIRST_BACKOFF,
@@ -227,20 +260,16 @@ impl Pool {
         }
     }
 
-    /// The workers whose channels the dispatcher must wake for: a worker
-    /// that has not said it is ready, and every worker while draining (its
-    /// channel's end). Nothing else comes on a channel: taking and
-    /// finishing connections are counted in the state pages, which are read
-    /// every round (`observe`) and, while a delivery waits to be taken, at
-    /// least every millisecond.
-    pub fn watched(&self, draining: bool) -> impl Iterator<Item = (usize, &Channel)> {
+    /// Every worker's channel, watched for `ready` and for its end. A
+    /// ready worker sends nothing more (taking and finishing connections
+    /// are counted in the state pages, read every round by `observe` and,
+    /// while a delivery waits to be taken, every 1 to 64 ms), so watching
+    /// it costs no wake-up until its channel ends or it breaks the rules.
+    pub fn watched(&self) -> impl Iterator<Item = (usize, &Channel)> {
         self.workers
             .iter()
             .enumerate()
-            .filter_map(move |(slot, w)| {
-                let ch = w.channel.as_ref()?;
-                (!w.ready || draining || w.ended).then_some((slot, ch))
-            })
+            .filter_map(|(slot, w)| Some((slot, w.channel.as_ref()?)))
     }
 
     /// Whether some delivery waits to be taken.
@@ -268,7 +297,8 @@ impl Pool {
 
     /// Reads what worker `slot` sent: `ready`, or the end of its channel.
     /// A worker whose channel broke, or that broke the protocol, is lost:
-    /// see [`Pool::lose`].
+    /// see [`Pool::lose`]; one that closed its channel is let go
+    /// ([`Pool::let_go`]).
     pub fn read_reports(&mut self, slot: usize) {
         // Bounded, so that a worker sending without pause cannot hold the
         // loop: what is left is read on the next round.
@@ -278,17 +308,18 @@ impl Pool {
             let m = match ch.recv_timeout(Duration::ZERO) {
                 Ok(Some(m)) => m,
                 Err(handover::Error::TimedOut { .. }) => return,
-                Ok(None) => return self.lose(slot, "its channel closed"),
+                Ok(None) => return self.let_go(slot),
                 Err(e) => return self.lose(slot, &format!("its channel failed: {e}")),
             };
             if !m.handles.is_empty() {
                 return self.lose(slot, "it sent handles on its channel");
             }
             match Report::decode(&m.bytes) {
+                Ok(Report::Ready { .. }) if w.ready => {
+                    return self.lose(slot, "it sent a second ready");
+                }
                 Ok(Report::Ready { version }) if version == VERSION => {
-                    if !w.ready {
-                        tracing::info!(pool = %self.name, worker = slot, pid = w.pid, "worker ready");
-                    }
+                    tracing::info!(pool = %self.name, worker = slot, pid = w.pid, "worker ready");
                     w.ready = true;
                 }
                 Ok(Report::Ready { version }) => {
@@ -297,6 +328,21 @@ impl Pool {
                 Err(e) => return self.lose(slot, &e.to_string()),
             }
         }
+    }
+
+    /// Worker `slot` closed its channel (or, draining, ended): nobody can
+    /// read what is queued on it any more, so what it had not taken goes
+    /// to the others now. The process is left to finish the connections
+    /// it has and exit; it is restarted once reaped (unless draining).
+    fn let_go(&mut self, slot: usize) {
+        let name = self.name.clone();
+        let w = &mut self.workers[slot];
+        if !w.ended {
+            tracing::info!(pool = %name, worker = slot, pid = w.pid, "worker closed its channel; it gets no more connections");
+        }
+        w.channel = None;
+        w.ready = false;
+        self.requeue(slot);
     }
 
     /// Worker `slot` can take no more: it gets nothing new, and the
@@ -328,11 +374,12 @@ impl Pool {
 
     /// A lost worker's connections not taken go back to the front of the
     /// queue, in the order they were accepted. Its state page is read a
-    /// last time first: what it took before it went is not handed on (were
-    /// the page broken, what it said last is kept).
+    /// last time first: what it took before it went is not handed on (a
+    /// page that broke the rules counts everything sent as taken).
     fn requeue(&mut self, slot: usize) {
         let w = &mut self.workers[slot];
         let _ = w.observe();
+        w.unacked_bytes = 0;
         let back = std::mem::take(&mut w.unacked);
         if back.is_empty() {
             return;
@@ -409,6 +456,7 @@ impl Pool {
             match sent {
                 Ok(()) => {
                     w.sent = id;
+                    w.unacked_bytes += conn.peeked.len();
                     w.unacked.push_back((id, conn));
                     any = true;
                 }

@@ -64,7 +64,9 @@ impl AsyncIncoming {
         let Some(message) = self.channel.recv().await? else {
             return Ok(None);
         };
-        let (delivery, stream) = take_delivery(message, &self.state, &mut self.last_id)?;
+        // A connection tokio cannot take is counted done as it goes
+        // (`done` is dropped with the error).
+        let (delivery, stream, done) = take_delivery(message, &self.state, &mut self.last_id)?;
         let stream = match stream {
             Stream::Tcp(s) => {
                 s.set_nonblocking(true).map_err(io_error)?;
@@ -78,9 +80,7 @@ impl AsyncIncoming {
         Ok(Some(AsyncConnection {
             stream: Owned(Some(stream)),
             peer: delivery.peer.parse().ok(),
-            done: AsyncDone {
-                state: Arc::clone(&self.state),
-            },
+            done: AsyncDone { _done: done },
             delivery,
         }))
     }
@@ -133,13 +133,7 @@ impl Drop for Owned {
 /// thread, inside the runtime or not).
 #[derive(Debug)]
 pub struct AsyncDone {
-    state: Arc<StatePage>,
-}
-
-impl Drop for AsyncDone {
-    fn drop(&mut self) {
-        self.state.add_done();
-    }
+    _done: super::Done,
 }
 
 /// One connection for async code; see [`super::Connection`].

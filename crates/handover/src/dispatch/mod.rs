@@ -122,13 +122,11 @@ impl Incoming {
         let Some(message) = self.channel.recv()? else {
             return Ok(None);
         };
-        let (delivery, stream) = take_delivery(message, &self.state, &mut self.last_id)?;
+        let (delivery, stream, done) = take_delivery(message, &self.state, &mut self.last_id)?;
         Ok(Some(Connection {
             stream: Owned(Some(stream)),
             peer: delivery.peer.parse().ok(),
-            done: Done {
-                state: Arc::clone(&self.state),
-            },
+            done,
             delivery,
         }))
     }
@@ -144,15 +142,17 @@ impl Iterator for Incoming {
 
 /// Reads one delivery message and marks it taken in the state page: from
 /// then on the connection is this worker's alone, and the dispatcher will
-/// not hand it to another. A message with an id is marked taken even if
-/// the rest is wrong, so that the dispatcher closes its copy of what this
-/// worker could not use. Then checks it: one handle, a connected stream
-/// socket. Anything else is refused, its handles closed.
+/// not hand it to another. A message whose header decodes is marked taken
+/// even if its handle is wrong, so that the dispatcher closes its copy of
+/// what this worker could not use; it is then counted done as well (the
+/// [`Done`] made here is dropped), so least-busy does not count it open.
+/// Then checks it: one handle, a connected stream socket. Anything else is
+/// refused, its handles closed.
 pub(crate) fn take_delivery(
     mut message: Message,
-    state: &StatePage,
+    state: &Arc<StatePage>,
     last_id: &mut u64,
-) -> Result<(Delivery, Stream)> {
+) -> Result<(Delivery, Stream, Done)> {
     let delivery = Delivery::decode(&message.bytes).map_err(|e| Error::Dispatch(e.0))?;
     if delivery.id <= *last_id {
         return Err(Error::Dispatch(format!(
@@ -162,6 +162,9 @@ pub(crate) fn take_delivery(
     }
     *last_id = delivery.id;
     state.set_taken(delivery.id);
+    let done = Done {
+        state: Arc::clone(state),
+    };
     if message.handles.len() != 1 {
         return Err(Error::Dispatch(format!(
             "connection {} came with {} handles instead of one",
@@ -176,7 +179,7 @@ pub(crate) fn take_delivery(
             delivery.id
         ))
     })?;
-    Ok((delivery, stream))
+    Ok((delivery, stream, done))
 }
 
 /// The connection as the dispatcher declared it: a connected TCP or Unix
@@ -321,8 +324,8 @@ impl Connection {
     /// Dropping a [`Connection`] shuts its socket down, even if it was
     /// cloned; the stream from here is not: shut it down yourself when
     /// finished (`shutdown(Both)`), or a client waiting for the end of the
-    /// stream may wait until the dispatcher has closed its copy (at most a
-    /// few milliseconds).
+    /// stream may wait until the dispatcher has closed its copy (up to
+    /// 64 ms).
     pub fn into_parts(mut self) -> (Stream, Done) {
         match self.stream.0.take() {
             Some(s) => (s, self.done),

@@ -8,6 +8,8 @@
 //! and carries the connection as its one handle. What a worker has taken
 //! and finished is not sent: it is counted in the state page (`state.rs`).
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 /// The protocol version a worker announces in `ready`.
@@ -34,12 +36,17 @@ pub struct Delivery {
     pub peeked: Vec<u8>,
 }
 
+/// Borrowed where the JSON has no escapes, owned where it has (a name
+/// with a quote, or another encoder's `\u00e9` or `\/`).
 #[derive(Serialize, Deserialize)]
 struct DeliveryHeader<'a> {
-    t: &'a str,
+    #[serde(borrow)]
+    t: Cow<'a, str>,
     id: u64,
-    listener: &'a str,
-    peer: &'a str,
+    #[serde(borrow)]
+    listener: Cow<'a, str>,
+    #[serde(borrow)]
+    peer: Cow<'a, str>,
     peeked: usize,
 }
 
@@ -82,10 +89,10 @@ fn split_line(bytes: &[u8]) -> Result<(&[u8], &[u8]), ProtocolError> {
 pub fn encode_delivery(id: u64, listener: &str, peer: &str, peeked: &[u8], out: &mut Vec<u8>) {
     out.clear();
     let header = DeliveryHeader {
-        t: "conn",
+        t: Cow::Borrowed("conn"),
         id,
-        listener,
-        peer,
+        listener: Cow::Borrowed(listener),
+        peer: Cow::Borrowed(peer),
         peeked: peeked.len(),
     };
     // Serializing plain strings and numbers into a Vec cannot fail.
@@ -125,8 +132,8 @@ impl Delivery {
         }
         Ok(Delivery {
             id: h.id,
-            listener: h.listener.to_owned(),
-            peer: h.peer.to_owned(),
+            listener: h.listener.into_owned(),
+            peer: h.peer.into_owned(),
             peeked: rest.to_vec(),
         })
     }
@@ -176,6 +183,22 @@ mod tests {
         let bytes = d.encode();
         assert!(bytes.starts_with(b"{\"t\":\"conn\",\"id\":7,"));
         assert_eq!(Delivery::decode(&bytes).unwrap(), d);
+    }
+
+    #[test]
+    fn delivery_strings_with_escapes_round_trip_and_decode_from_other_encoders() {
+        let d = Delivery {
+            id: 3,
+            listener: "a\"b\\c\td\u{e9}".into(),
+            peer: "[::1]:5000".into(),
+            peeked: Vec::new(),
+        };
+        assert_eq!(Delivery::decode(&d.encode()).unwrap(), d);
+        // As Python's json.dumps writes it (ASCII escapes, an escaped
+        // slash from other encoders).
+        let other = b"{\"t\": \"conn\", \"id\": 4, \"listener\": \"caf\\u00e9\\/x\", \"peer\": \"\", \"peeked\": 0}\n";
+        let got = Delivery::decode(other).unwrap();
+        assert_eq!((got.id, got.listener.as_str()), (4, "caf\u{e9}/x"));
     }
 
     #[test]
