@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::protocol::{encode_request, Reply, Request};
-use super::{checked, done, socket_path, unexpected, Entry, Error, Result};
+use super::{checked, done, socket_path, unexpected, Entry, Result};
 use super::{gave_up, judge, Attempt, StoreOptions, ATTEMPTS};
 use crate::tokio::AsyncChannel;
 use crate::Handle;
@@ -80,30 +80,11 @@ impl AsyncClient {
         names: &[&str],
         remove: bool,
     ) -> Result<Vec<(Entry, Handle)>> {
-        let names = names
-            .iter()
-            .map(|n| checked(n))
-            .collect::<Result<Vec<_>>>()?;
-        if names.is_empty() || names.len() > super::protocol::MAX_RETRIEVE_NAMES {
-            return Err(Error::InvalidInput {
-                what: "names",
-                why: format!("1 to {} names at once", super::protocol::MAX_RETRIEVE_NAMES),
-            });
-        }
+        let names = super::retrieve_names(names)?;
         let count = names.len();
         let request = Request::Retrieve { names, remove };
         let (reply, handles) = self.call(|| request.clone(), &[], None).await?;
-        let Reply::Entries(entries) = reply else {
-            return Err(unexpected("retrieve", &reply));
-        };
-        if entries.len() != count || handles.len() != count {
-            return Err(Error::Protocol(format!(
-                "asked for {count} entries, got {} descriptions and {} handles",
-                entries.len(),
-                handles.len()
-            )));
-        }
-        Ok(entries.into_iter().zip(handles).collect())
+        super::retrieved(count, reply, handles)
     }
 
     /// See [`Client::remove`](super::Client::remove).

@@ -233,29 +233,10 @@ impl Client {
     /// Several entries at once, in order, each named: all of them or none
     /// (if one is missing or denied, nothing is handed out or removed).
     pub fn retrieve_many(&mut self, names: &[&str], remove: bool) -> Result<Vec<(Entry, Handle)>> {
-        let names = names
-            .iter()
-            .map(|n| checked(n))
-            .collect::<Result<Vec<_>>>()?;
-        if names.is_empty() || names.len() > protocol::MAX_RETRIEVE_NAMES {
-            return Err(Error::InvalidInput {
-                what: "names",
-                why: format!("1 to {} names at once", protocol::MAX_RETRIEVE_NAMES),
-            });
-        }
+        let names = retrieve_names(names)?;
         let count = names.len();
         let (reply, handles) = self.call(&Request::Retrieve { names, remove }, &[], None)?;
-        let Reply::Entries(entries) = reply else {
-            return Err(unexpected("retrieve", &reply));
-        };
-        if entries.len() != count || handles.len() != count {
-            return Err(Error::Protocol(format!(
-                "asked for {count} entries, got {} descriptions and {} handles",
-                entries.len(),
-                handles.len()
-            )));
-        }
-        Ok(entries.into_iter().zip(handles).collect())
+        retrieved(count, reply, handles)
     }
 
     /// Forgets the entry `name`, closing the holder's descriptor.
@@ -364,6 +345,37 @@ fn done(op: &str, reply: Reply) -> Result<()> {
         Reply::Done => Ok(()),
         other => Err(unexpected(op, &other)),
     }
+}
+
+/// The names of a retrieve, checked: each a valid name, 1 to
+/// MAX_RETRIEVE_NAMES of them.
+fn retrieve_names(names: &[&str]) -> Result<Vec<String>> {
+    let names = names
+        .iter()
+        .map(|n| checked(n))
+        .collect::<Result<Vec<_>>>()?;
+    if names.is_empty() || names.len() > protocol::MAX_RETRIEVE_NAMES {
+        return Err(Error::InvalidInput {
+            what: "names",
+            why: format!("1 to {} names at once", protocol::MAX_RETRIEVE_NAMES),
+        });
+    }
+    Ok(names)
+}
+
+/// A retrieve's reply: exactly `count` entries and as many handles, paired.
+fn retrieved(count: usize, reply: Reply, handles: Vec<Handle>) -> Result<Vec<(Entry, Handle)>> {
+    let Reply::Entries(entries) = reply else {
+        return Err(unexpected("retrieve", &reply));
+    };
+    if entries.len() != count || handles.len() != count {
+        return Err(Error::Protocol(format!(
+            "asked for {count} entries, got {} descriptions and {} handles",
+            entries.len(),
+            handles.len()
+        )));
+    }
+    Ok(entries.into_iter().zip(handles).collect())
 }
 
 fn unexpected(op: &str, reply: &Reply) -> Error {
