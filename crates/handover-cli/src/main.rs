@@ -199,6 +199,42 @@ fn run() -> i32 {
     0
 }
 
+/// Logs go to stderr, filtered by HANDOVER_LOG: a level (`debug`), or
+/// targets with levels (`warn,handover::run=debug`). `info` when unset; a
+/// value that does not parse is reported and `info` used.
+fn init_logging() {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let default = || Targets::new().with_default(tracing::Level::INFO);
+    let (filter, bad) = match std::env::var("HANDOVER_LOG") {
+        Ok(v) => match v.parse::<Targets>() {
+            Ok(t) => (t, None),
+            Err(e) => (
+                default(),
+                Some(format!(
+                    "HANDOVER_LOG={v:?} is not understood ({e}); logging at info"
+                )),
+            ),
+        },
+        Err(std::env::VarError::NotPresent) => (default(), None),
+        Err(std::env::VarError::NotUnicode(v)) => (
+            default(),
+            Some(format!("HANDOVER_LOG={v:?} is not UTF-8; logging at info")),
+        ),
+    };
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(filter)
+        .init();
+    if let Some(bad) = bad {
+        tracing::warn!("{bad}");
+    }
+}
+
 fn real_main() -> Result<()> {
     // `put` and `get` are run often and briefly (one per handle, from
     // scripts), and log nothing: they skip the logging set-up and parse
@@ -207,14 +243,7 @@ fn real_main() -> Result<()> {
     if let Some(done) = holder_cmds::quick() {
         return done;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HANDOVER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging();
     match Cli::parse().command {
         #[cfg(unix)]
         Command::Demo { channel: false } => demo_reload::run(),
