@@ -1,5 +1,6 @@
 //! `handover adopt`: take sockets out of a running process (by descriptor
-//! number, or all its listeners, found through /proc) with
+//! number, or all its listeners, found through /proc on Linux and by
+//! trying each of its handles on Windows) with
 //! `handover::pull`, then start a program on them by the activation
 //! protocol or put them into the holder. A server started without
 //! handover can so be replaced by one that runs under it, without a
@@ -35,8 +36,9 @@ pub struct AdoptArgs {
     fds: Vec<u32>,
     /// Take every listening socket of that process: TCP listeners, bound
     /// UDP sockets and listening Unix stream and seqpacket sockets (Linux,
-    /// from /proc/PID/fd and /proc/PID/net); a socket open under several
-    /// numbers is taken once.
+    /// from /proc/PID/fd and /proc/PID/net; on Windows TCP listeners and
+    /// bound UDP sockets, found by pulling each of its handles); a socket
+    /// open under several numbers is taken once.
     #[arg(long)]
     listeners: bool,
     /// Put the sockets into the holder as NAME, NAME.1, NAME.2, … instead
@@ -171,11 +173,65 @@ fn run_program(cmd: Command) -> Result<()> {
     std::process::exit(status.code().unwrap_or(1))
 }
 
+/// The listening sockets of `pid`, in handle order, each once: TCP
+/// listeners and bound UDP sockets. Windows has no /proc: every handle the
+/// process has open (`handover::handle_numbers`) is pulled and asked what
+/// it is, and dropped again. A socket open under several handle values is
+/// taken once (the same kind and local address).
 #[cfg(windows)]
-fn listeners(_pid: u32) -> Result<Vec<Wanted>> {
-    bail!(
-        "--listeners finds sockets through /proc, which Windows lacks; name the handles with --fd"
-    )
+fn listeners(pid: u32) -> Result<Vec<Wanted>> {
+    use handover::{HandleKind, PullError, SocketType};
+    use std::collections::BTreeSet;
+
+    let numbers = handover::handle_numbers(pid)
+        .with_context(|| format!("listing the handles of process {pid}"))?;
+    let mut seen = BTreeSet::new();
+    let mut found = Vec::new();
+    let mut sockets = 0;
+    for number in numbers {
+        let handle = match handover::pull(pid, number) {
+            Ok(handle) => handle,
+            // Closed since it was listed.
+            Err(PullError::NoSuchHandle { .. }) => continue,
+            Err(e) => {
+                return Err(e).with_context(|| format!("taking handle {number} of process {pid}"))
+            }
+        };
+        let HandleKind::Socket(info) = handle.kind() else {
+            continue;
+        };
+        sockets += 1;
+        let what = match (info.socket_type, info.listening) {
+            (SocketType::Stream, true) => match handle.into_tcp_listener() {
+                Ok(l) => l.local_addr().ok().map(|a| format!("tcp {a}")),
+                Err(_) => None,
+            },
+            (SocketType::Datagram, _) => match handle.into_udp_socket() {
+                Ok(u) => u
+                    .local_addr()
+                    .ok()
+                    .filter(|a| a.port() != 0 && u.peer_addr().is_err())
+                    .map(|a| format!("udp {a}")),
+                Err(_) => None,
+            },
+            _ => None,
+        };
+        if let Some(what) = what {
+            if seen.insert(what.clone()) {
+                found.push(Wanted {
+                    number,
+                    what: Some(what),
+                });
+            }
+        }
+    }
+    if found.is_empty() {
+        bail!(
+            "process {pid} has no listening sockets ({sockets} of its handles are sockets, none \
+             listening or bound)"
+        );
+    }
+    Ok(found)
 }
 
 /// The listening sockets of `pid`, in descriptor order, each once.

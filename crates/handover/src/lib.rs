@@ -51,6 +51,6 @@ pub mod windows;
 pub use channel::{Channel, ChannelListener, ChannelOptions, Message, PeerCredentials};
 pub use error::{Error, Result};
 pub use handle::{Handle, HandleKind, SocketFamily, SocketInfo, SocketType, WrongType};
-pub use pull::{pull, PullError};
+pub use pull::{handle_numbers, pull, PullError};
 pub use shm::{Mapping, SharedMemory};
 pub use spawn::{Child, Command};

@@ -48,6 +48,22 @@ pub fn pull(pid: u32, number: u32) -> Result<Handle, PullError> {
     Ok(Handle::from_raw(raw))
 }
 
+/// The handle numbers process `pid` has open now, in increasing order:
+/// what [`pull`] may be asked for. A handle may close before it is pulled.
+///
+/// - **Linux**: the entries of `/proc/PID/fd`, which needs ptrace read
+///   access to the process (`PTRACE_MODE_READ_FSCREDS`: the same uid, or
+///   `CAP_SYS_PTRACE`).
+/// - **Windows**: the process's entries in the system's handle table
+///   (`NtQuerySystemInformation`, `SystemExtendedHandleInformation`), which
+///   any process may read; every kind of handle is listed (events, threads,
+///   registry keys as well as files and sockets).
+///
+/// A process that does not exist is [`PullError::NoSuchProcess`].
+pub fn handle_numbers(pid: u32) -> Result<Vec<u32>, PullError> {
+    sys::handle_numbers(pid)
+}
+
 /// Why [`pull`] failed. Each variant says which process and handle, and
 /// what the OS refused.
 #[derive(Debug, thiserror::Error)]

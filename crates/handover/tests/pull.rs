@@ -287,3 +287,27 @@ fn a_dumpable_target_of_the_same_uid_is_pulled_from_by_nobody() {
         "pulled a listening IPv4 stream socket"
     );
 }
+
+#[test]
+fn handle_numbers_lists_a_targets_descriptors() {
+    let _guard = serial();
+    let t = Target::start("target", None);
+    no_leak("listing", || {
+        let numbers = handover::handle_numbers(t.pid).unwrap();
+        for fd in [0, 1, 2, t.listener, t.pipe, t.memfd] {
+            assert!(numbers.contains(&fd), "{fd} not in {numbers:?}");
+        }
+        assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{numbers:?}");
+        // Every number listed is one `pull` takes.
+        let listener = handover::pull(t.pid, t.listener).unwrap();
+        assert!(matches!(listener.kind(), handover::HandleKind::Socket(s) if s.listening));
+    });
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id();
+    gone.wait().unwrap();
+    let e = handover::handle_numbers(gone_pid).unwrap_err();
+    assert!(
+        matches!(e, PullError::NoSuchProcess { pid } if pid == gone_pid),
+        "{e:?}"
+    );
+}

@@ -499,3 +499,26 @@ fn this_process_can_pull_its_own_handles() {
         assert_eq!(copy.local_addr().unwrap(), l.local_addr().unwrap());
     });
 }
+
+#[test]
+fn handle_numbers_lists_a_targets_handles() {
+    let _guard = serial();
+    let mut t = Target::start("target");
+    no_leak("listing", || {
+        let numbers = handover::handle_numbers(t.pid).unwrap();
+        for h in [t.listener, t.file, t.pipe_read, t.pipe_write, t.section] {
+            assert!(numbers.contains(&h), "{h:#x} not in {numbers:?}");
+        }
+        assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{numbers:?}");
+        assert!(numbers.iter().all(|n| n % 4 == 0), "{numbers:?}");
+    });
+    // Exited, its process object still held by this test: no handles.
+    t.kill();
+    let e = handover::handle_numbers(t.pid).unwrap_err();
+    assert!(
+        matches!(e, PullError::NoSuchProcess { pid } if pid == t.pid),
+        "{e:?}"
+    );
+    let e = handover::handle_numbers(gone_pid()).unwrap_err();
+    assert!(matches!(e, PullError::NoSuchProcess { .. }), "{e:?}");
+}

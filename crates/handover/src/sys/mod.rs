@@ -38,7 +38,11 @@ pub(crate) use windows_spawn::{
 #[cfg(unix)]
 mod unix_pull;
 #[cfg(unix)]
-pub(crate) use unix_pull::pull;
+pub(crate) use unix_pull::{handle_numbers, pull};
+#[cfg(windows)]
+mod windows_handles;
+#[cfg(windows)]
+pub(crate) use windows_handles::handle_numbers;
 #[cfg(windows)]
 mod windows_pull;
 #[cfg(windows)]

@@ -62,6 +62,30 @@ pub(crate) fn pull(pid: u32, number: u32) -> Result<OwnedFd, PullError> {
     })
 }
 
+/// The descriptor numbers process `pid` has open, from /proc/PID/fd
+/// (reading it takes ptrace read access, a weaker check than taking).
+pub(crate) fn handle_numbers(pid: u32) -> Result<Vec<u32>, PullError> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = std::fs::read_dir(&dir).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => PullError::NoSuchProcess { pid },
+        std::io::ErrorKind::PermissionDenied => PullError::PermissionDenied {
+            pid,
+            permission: "ptrace (PTRACE_MODE_READ_FSCREDS), to list /proc/PID/fd",
+            cause: why_denied(pid),
+        },
+        _ => PullError::Io {
+            pid,
+            op: "reading /proc/PID/fd",
+            source: e,
+        },
+    })?;
+    let mut numbers: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
         // pid (comm) STATE …: comm may hold spaces and parentheses.
