@@ -24,6 +24,10 @@
 //! counts 1,000 connections done that it never took, instead;
 //! `--close-after N` closes its channel after N connections, serves them,
 //! and lives on 10 s before exiting;
+//! `--only-worker W` makes those flags (stall, corrupt, close) apply only
+//! in worker W (HANDOVER_WORKER), and `--once DIR` only in the first
+//! worker to create directory DIR, so that one misbehaving worker among
+//! well-behaved ones, and its well-behaved restart, need no shell;
 //! `--log-connections` prints `dispatch_worker: pool P took connection ID
 //! listener L peeked K first-bytes-match yes|no rcvlowat R` to stderr for
 //! each connection, after reading its first K bytes and comparing them
@@ -50,6 +54,8 @@ fn main() {
     let mut corrupt_after: Option<usize> = None;
     let mut corrupt_done = false;
     let mut close_after: Option<usize> = None;
+    let mut only_worker: Option<String> = None;
+    let mut once: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut number = || args.next().and_then(|v| v.parse::<f64>().ok());
@@ -64,8 +70,16 @@ fn main() {
                 corrupt_done = true;
             }
             "--close-after" => close_after = number().map(|n| n as usize),
+            "--only-worker" => only_worker = args.next(),
+            "--once" => once = args.next(),
             other => fail(&format!("unknown argument {other:?}")),
         }
+    }
+    let chosen = only_worker
+        .is_none_or(|w| std::env::var("HANDOVER_WORKER").is_ok_and(|mine| mine == w))
+        && once.is_none_or(|dir| std::fs::create_dir(dir).is_ok());
+    if !chosen {
+        (stall_after, corrupt_after, close_after) = (None, None, None);
     }
     let (incoming, page) = match corrupt_after {
         None => match handover::dispatch::incoming() {

@@ -9,7 +9,6 @@ mod adopt;
 mod demo;
 #[cfg(unix)]
 mod demo_reload;
-#[cfg(unix)]
 mod dispatch;
 #[cfg(unix)]
 mod hold;
@@ -58,7 +57,6 @@ enum Command {
     /// Accept connections on the activation sockets (LISTEN_FDS) and hand
     /// each one to one of N worker processes over a channel; no byte is
     /// proxied. `handover run --workers N` runs it for you.
-    #[cfg(unix)]
     Dispatch(Box<dispatch::DispatchArgs>),
     /// Reload the program under a running `handover run`: start a new
     /// generation on the same sockets, and once it is ready stop the old
@@ -255,7 +253,6 @@ fn real_main() -> Result<()> {
         }
         Command::DemoServer { channel } => demo::serve(&channel),
         Command::Run(args) => run::run(*args),
-        #[cfg(unix)]
         Command::Dispatch(args) => dispatch::run(*args),
         Command::Adopt(args) => adopt::run(*args),
         Command::Reload { control, timeout } => status::reload(control.as_deref(), &timeout),

@@ -330,6 +330,11 @@ impl Channel {
         self.transport
     }
 
+    #[cfg(windows)]
+    pub(crate) fn transport_mut(&mut self) -> &mut Transport {
+        &mut self.transport
+    }
+
     /// Everything a channel is, so that the async channel can carry on
     /// where this one stopped, a half-received message included.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]

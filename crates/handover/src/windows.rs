@@ -144,6 +144,26 @@ impl CommandExt for Command {
     }
 }
 
+/// Windows-only choices for a [`Channel`](crate::Channel).
+pub trait ChannelExt {
+    /// Makes `child` the process at the other end of this channel, for one
+    /// end of a [`Channel::pair`](crate::Channel::pair) whose other end
+    /// was given to `child` (as an activation handle, say). Both ends of a
+    /// pair name the process that made it, and a socket sent on a channel
+    /// is duplicated for the peer (WSADuplicateSocketW), so without this a
+    /// child could not use the sockets sent to it. Refused (PermissionDenied)
+    /// for an end that was not made by this process's `pair`.
+    fn set_peer(&mut self, child: &crate::Child) -> crate::Result<()>;
+}
+
+impl ChannelExt for crate::Channel {
+    fn set_peer(&mut self, child: &crate::Child) -> crate::Result<()> {
+        self.transport_mut()
+            .set_peer(child.id())
+            .map_err(crate::Error::io("OpenProcess"))
+    }
+}
+
 /// The environment variable that names a child's stop event.
 pub const STOP_EVENT_VAR: &str = "HANDOVER_STOP_EVENT";
 

@@ -8,31 +8,37 @@
 //! ready, and drain the old ones), under systemd, or under anything that
 //! speaks LISTEN_FDS.
 //!
-//! One thread, one poll loop: the signalfd, the listening sockets, the
-//! connections being peeked for routing, and every worker's channel.
-//! Delivery is acknowledged (`pool.rs`); routing is in `routes.rs`.
+//! One thread, one event loop, per platform: on Unix a poll over the
+//! signalfd, the listening sockets, the connections being peeked for
+//! routing, and every worker's channel (`unix.rs`); on Windows a WSAPoll
+//! over the sockets, with the channels, the workers' exits and the stop
+//! event looked at every few milliseconds (`windows.rs`). What they share
+//! is here: the arguments, the start, and what each round does once the
+//! events are read ([`Core::settle`]). Delivery is acknowledged
+//! (`pool.rs`); routing is in `routes.rs`.
 
 mod pool;
 mod routes;
+#[cfg(unix)]
+mod unix;
+#[cfg(windows)]
+mod windows;
+
+#[cfg(unix)]
+use unix as event;
+#[cfg(windows)]
+use windows as event;
 
 use std::ffi::OsString;
-use std::net::TcpListener;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use handover::unix::HandleExt;
-use handover::{Handle, HandleKind, SocketFamily, SocketType};
-use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 pub use pool::Policy;
-use pool::{Conn, Pool};
-use routes::{Routes, Verdict};
-
-use crate::run::signals::{self, Signals};
+use pool::Pool;
+use routes::Routes;
 
 #[derive(Debug, Args)]
 pub struct DispatchArgs {
@@ -74,85 +80,21 @@ const ACCEPT_BURST: usize = 64;
 const LAZY_STATE: Duration = Duration::from_millis(1);
 const LAZY_STATE_MAX: Duration = Duration::from_millis(64);
 
-enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener),
-}
-
+/// A listening socket and its activation name.
 struct Listening {
     name: std::rc::Rc<str>,
-    socket: Listener,
+    socket: event::Listener,
 }
 
-/// A connection whose first bytes are awaited, to route it.
-struct Peeking {
-    conn: Conn,
-    deadline: Instant,
-    /// A TCP connection: once bytes are peeked, its SO_RCVLOWAT is raised
-    /// above them, so that poll wakes only for more bytes or the peer's
-    /// close, not again and again for the same ones.
-    tcp: bool,
-    /// SO_RCVLOWAT was raised: it is put back before a worker gets it.
-    lowat: bool,
-    /// A Unix connection woken with nothing new (its poll ignores
-    /// SO_RCVLOWAT): not polled again before this.
-    quiet_until: Option<Instant>,
-}
-
-/// How often a Unix connection with part of a head is peeked again.
-const UNIX_REPEEK: Duration = Duration::from_millis(10);
-
-impl Peeking {
-    /// The connection, its SO_RCVLOWAT back to 1 for the worker's reads.
-    fn into_conn(self) -> Conn {
-        if self.lowat {
-            if let Err(e) = set_rcvlowat(&self.conn.handle, 1) {
-                tracing::warn!(error = %e, "resetting SO_RCVLOWAT");
-            }
-        }
-        self.conn
-    }
-}
-
-/// Sets SO_RCVLOWAT: readable (for poll, on TCP) once this many bytes are.
-fn set_rcvlowat(socket: &impl AsFd, bytes: usize) -> std::io::Result<()> {
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: setsockopt on an open descriptor, reading one c_int.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-struct Dispatcher {
-    listeners: Vec<Listening>,
+/// What every platform's loop holds besides its events: the pools, the
+/// routes, and where the drain and readiness stand.
+struct Core {
     pools: Vec<Pool>,
     routes: Routes,
-    peeking: Vec<Peeking>,
-    signals: Signals,
     draining: bool,
     ready_sent: bool,
     /// The current wait between looks at the state pages (see LAZY_STATE).
     lazy: Duration,
-}
-
-impl AsFd for Listener {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Listener::Tcp(l) => l.as_fd(),
-            Listener::Unix(l) => l.as_fd(),
-        }
-    }
 }
 
 pub fn run(args: DispatchArgs) -> Result<()> {
@@ -164,7 +106,9 @@ pub fn run(args: DispatchArgs) -> Result<()> {
         None => Routes::none(),
     };
     let listeners = take_listeners()?;
-    let signals = Signals::install()?;
+    // Before any worker starts: what the platform's loop takes from the
+    // environment (the stop event on Windows) is not theirs.
+    let os = event::Os::install()?;
     let mut pools = vec![Pool::new(
         "default",
         args.command.clone(),
@@ -181,31 +125,54 @@ pub fn run(args: DispatchArgs) -> Result<()> {
             pool.start(slot)?;
         }
     }
-    let mut d = Dispatcher {
-        listeners,
+    let core = Core {
         pools,
         routes,
-        peeking: Vec::new(),
-        signals,
         draining: false,
         ready_sent: false,
         lazy: LAZY_STATE,
     };
-    loop {
-        d.step()?;
-        if d.draining && d.pools.iter().all(Pool::all_exited) {
-            tracing::info!("every worker has exited");
-            return Ok(());
+    event::serve(core, listeners, os)
+}
+
+/// The command line of the `handover dispatch` that `handover run
+/// --workers N` starts as each generation's program: this very binary
+/// (its path, and the whole argv). A bad routes file fails here, before
+/// anything is bound; the dispatcher reads it again at each reload.
+pub fn command_line(
+    workers: usize,
+    policy: Option<Policy>,
+    routes: Option<&std::path::Path>,
+    command: &[OsString],
+) -> Result<(PathBuf, Vec<OsString>)> {
+    if !(1..=1024).contains(&workers) {
+        bail!("--workers must be 1 to 1024");
+    }
+    let me = std::env::current_exe().context("finding the handover binary")?;
+    let mut argv: Vec<OsString> = vec![
+        me.clone().into(),
+        "dispatch".into(),
+        "--workers".into(),
+        workers.to_string().into(),
+    ];
+    if let Some(policy) = policy {
+        use clap::ValueEnum;
+        if let Some(v) = policy.to_possible_value() {
+            argv.extend(["--policy".into(), v.get_name().into()]);
         }
     }
+    if let Some(routes) = routes {
+        Routes::load(routes)?;
+        let abs = std::path::absolute(routes).context("--routes")?;
+        argv.extend(["--routes".into(), abs.into()]);
+    }
+    argv.push("--".into());
+    argv.extend(command.iter().cloned());
+    Ok((me, argv))
 }
 
-/// Reads a routes file, for `handover run` to refuse a bad one early.
-pub fn check_routes(path: &std::path::Path) -> Result<()> {
-    Routes::load(path).map(drop)
-}
-
-/// The activation sockets: each must be a listening stream socket.
+/// The activation sockets: each must be a listening stream socket (of a
+/// kind the platform's loop can accept on).
 fn take_listeners() -> Result<Vec<Listening>> {
     let activation = handover::activation::take()?;
     let names = activation.names().to_vec();
@@ -218,7 +185,8 @@ fn take_listeners() -> Result<Vec<Listening>> {
     }
     let mut out = Vec::new();
     for (handle, name) in handles.into_iter().zip(names) {
-        let socket = listener(handle).with_context(|| format!("activation socket {name:?}"))?;
+        let socket =
+            event::listener(handle).with_context(|| format!("activation socket {name:?}"))?;
         out.push(Listening {
             name: name.into(),
             socket,
@@ -227,37 +195,16 @@ fn take_listeners() -> Result<Vec<Listening>> {
     Ok(out)
 }
 
-fn listener(handle: Handle) -> Result<Listener> {
-    let socket = match handle.kind() {
-        HandleKind::Socket(info) if info.socket_type == SocketType::Stream && info.listening => {
-            if info.family == SocketFamily::Unix {
-                Listener::Unix(handle.into_unix_listener()?)
-            } else {
-                Listener::Tcp(handle.into_tcp_listener()?)
-            }
-        }
-        kind => bail!("{kind} cannot be dispatched: only listening stream sockets can"),
-    };
-    match &socket {
-        Listener::Tcp(l) => l.set_nonblocking(true),
-        Listener::Unix(l) => l.set_nonblocking(true),
-    }
-    .context("making a listener non-blocking")?;
-    Ok(socket)
-}
-
-impl Dispatcher {
-    fn waiting(&self) -> usize {
-        self.peeking.len() + self.pools.iter().map(Pool::pending).sum::<usize>()
+impl Core {
+    /// Connections accepted and not yet taken, besides those being peeked.
+    fn pending(&self) -> usize {
+        self.pools.iter().map(Pool::pending).sum::<usize>()
     }
 
-    fn step(&mut self) -> Result<()> {
-        let accepting = !self.draining && self.waiting() < MAX_WAITING;
-        let mut deadline = self
-            .peeking
-            .iter()
-            .map(|p| p.quiet_until.map_or(p.deadline, |q| q.min(p.deadline)))
-            .min();
+    /// The nearest of `deadline` and what the pools wait for: a restart,
+    /// or the next look at the state pages while a delivery waits to be
+    /// taken.
+    fn deadline(&self, mut deadline: Option<Instant>) -> Option<Instant> {
         for p in &self.pools {
             // Deliveries not yet taken are looked for at least this often.
             let lazy = p.outstanding().then(|| Instant::now() + self.lazy);
@@ -268,75 +215,12 @@ impl Dispatcher {
                 };
             }
         }
-        let (signal_ready, listen_ready, peek_ready, worker_ready) = {
-            let mut fds = vec![PollFd::new(&self.signals, PollFlags::IN)];
-            let listen_at = fds.len();
-            if accepting {
-                fds.extend(
-                    self.listeners
-                        .iter()
-                        .map(|l| PollFd::new(&l.socket, PollFlags::IN)),
-                );
-            }
-            let peek_at = fds.len();
-            let now = Instant::now();
-            let mut peekers = Vec::new();
-            for (i, p) in self.peeking.iter().enumerate() {
-                if p.quiet_until.is_none_or(|t| t <= now) {
-                    fds.push(PollFd::new(&p.conn.handle, PollFlags::IN));
-                    peekers.push(i);
-                }
-            }
-            let worker_at = fds.len();
-            let mut owners = Vec::new();
-            for (pi, pool) in self.pools.iter().enumerate() {
-                for (slot, ch) in pool.watched() {
-                    fds.push(PollFd::new(ch, PollFlags::IN));
-                    owners.push((pi, slot));
-                }
-            }
-            let timeout = deadline.map(|d| {
-                let t = d.saturating_duration_since(Instant::now());
-                Timespec {
-                    tv_sec: t.as_secs() as _,
-                    tv_nsec: t.subsec_nanos() as _,
-                }
-            });
-            match poll(&mut fds, timeout.as_ref()) {
-                Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(e).context("poll"),
-            }
-            let hit = |f: &PollFd| !f.revents().is_empty();
-            (
-                hit(&fds[0]),
-                (listen_at..peek_at)
-                    .filter(|&i| hit(&fds[i]))
-                    .map(|i| i - listen_at)
-                    .collect::<Vec<_>>(),
-                (peek_at..worker_at)
-                    .filter(|&i| hit(&fds[i]))
-                    .map(|i| peekers[i - peek_at])
-                    .collect::<Vec<_>>(),
-                (worker_at..fds.len())
-                    .filter(|&i| hit(&fds[i]))
-                    .map(|i| owners[i - worker_at])
-                    .collect::<Vec<_>>(),
-            )
-        };
-        // Only when poll says so: a read per loop would be a failed
-        // system call per connection under load.
-        if signal_ready {
-            while let Some(sig) = self.signals.next()? {
-                self.on_signal(sig);
-            }
-        }
-        for (pi, slot) in worker_ready {
-            self.pools[pi].read_reports(slot);
-        }
-        for i in listen_ready {
-            self.accept_from(i);
-        }
-        self.peek(&peek_ready);
+        deadline
+    }
+
+    /// The end of every round, once its events are read: restarts that
+    /// are due, the state pages, deliveries, the drain, and readiness.
+    fn settle(&mut self) {
         let now = Instant::now();
         let mut fresh = false;
         for pool in &mut self.pools {
@@ -363,127 +247,14 @@ impl Dispatcher {
                 tracing::warn!(error = %e, "telling our supervisor we are ready failed");
             }
         }
-        Ok(())
     }
 
-    fn on_signal(&mut self, sig: i32) {
-        match sig {
-            libc::SIGCHLD => {
-                for pool in &mut self.pools {
-                    pool.reap(self.draining);
-                }
-                // What the workers left (re-parented to a subreaper above
-                // us, or to init) is not ours to reap.
-            }
-            libc::SIGTERM | libc::SIGINT | libc::SIGQUIT if !self.draining => {
-                tracing::info!(signal = %signals::name(sig), "draining: no more accepts; workers finish what they have");
-                self.draining = true;
-                // Our copies of the listening sockets go: what is still in
-                // their backlog is for whoever else holds them (handover
-                // run's next generation), not lost with us.
-                self.listeners.clear();
-                // Connections not routed yet go to the default pool.
-                for p in std::mem::take(&mut self.peeking) {
-                    self.pools[0].queue.push_back(p.into_conn());
-                }
-            }
-            libc::SIGPIPE | libc::SIGHUP => {}
-            sig => {
-                for pool in &self.pools {
-                    for w in pool.workers.iter().filter(|w| w.is_running()) {
-                        // SAFETY: kill on a worker of ours that has not been
-                        // reaped (its Child is still held).
-                        unsafe { libc::kill(w.pid as libc::pid_t, sig) };
-                    }
-                }
-            }
+    /// Draining and every worker gone: the dispatcher's work is done.
+    fn finished(&self) -> bool {
+        if self.draining && self.pools.iter().all(Pool::all_exited) {
+            tracing::info!("every worker has exited");
+            return true;
         }
-    }
-
-    fn accept_from(&mut self, index: usize) {
-        for _ in 0..ACCEPT_BURST {
-            let l = &self.listeners[index];
-            let accepted = match &l.socket {
-                Listener::Tcp(s) => s
-                    .accept()
-                    .map(|(c, peer)| (Handle::from_accepted_tcp(c, &peer), peer.to_string())),
-                Listener::Unix(s) => s.accept().map(|(c, _)| (Handle::from(c), String::new())),
-            };
-            let (handle, peer) = match accepted {
-                Ok(c) => c,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // ECONNABORTED, EMFILE and the like: this connection
-                    // is lost to the kernel or we are out of descriptors;
-                    // the loop goes on.
-                    tracing::warn!(listener = %l.name, error = %e, "accept failed");
-                    return;
-                }
-            };
-            let conn = Conn {
-                handle,
-                listener: l.name.clone(),
-                peer,
-                peeked: Vec::new(),
-            };
-            if self.routes.peeks() {
-                self.peeking.push(Peeking {
-                    conn,
-                    deadline: Instant::now() + self.routes.peek_timeout,
-                    tcp: matches!(l.socket, Listener::Tcp(_)),
-                    lowat: false,
-                    quiet_until: None,
-                });
-            } else {
-                self.pools[0].queue.push_back(conn);
-            }
-        }
-    }
-
-    /// Looks at the first bytes of connections being routed, without
-    /// consuming them, and moves those decided to their pool's queue.
-    /// `readable` holds positions in `peeking` as it was polled (sorted);
-    /// connections accepted since then come after those.
-    fn peek(&mut self, readable: &[usize]) {
-        let now = Instant::now();
-        let mut buf = vec![0u8; self.routes.peek_limit];
-        for (index, mut p) in std::mem::take(&mut self.peeking).into_iter().enumerate() {
-            let mut full = p.deadline <= now;
-            let due = p.quiet_until.is_some_and(|t| t <= now);
-            if due || readable.binary_search(&index).is_ok() {
-                p.quiet_until = None;
-                let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
-                match rustix::net::recv(&p.conn.handle, &mut buf, flags) {
-                    Ok((n, _)) => {
-                        // 0: the client closed before saying anything; the
-                        // default pool's worker sees that for itself.
-                        full |= n == 0 || n >= buf.len();
-                        if n == p.conn.peeked.len() {
-                            if p.lowat {
-                                // Woken with nothing new past SO_RCVLOWAT:
-                                // the peer closed; no more will come.
-                                full = true;
-                            } else if !p.tcp {
-                                p.quiet_until = Some(now + UNIX_REPEEK);
-                            }
-                        }
-                        p.conn.peeked = buf[..n].to_vec();
-                    }
-                    Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
-                    Err(_) => full = true,
-                }
-            }
-            match self.routes.decide(&p.conn.peeked, full) {
-                Verdict::Wait => {
-                    if p.tcp {
-                        let more = p.conn.peeked.len() + 1;
-                        p.lowat = set_rcvlowat(&p.conn.handle, more).is_ok() || p.lowat;
-                    }
-                    self.peeking.push(p)
-                }
-                Verdict::Pool(pool) => self.pools[pool].queue.push_back(p.into_conn()),
-            }
-        }
+        false
     }
 }

@@ -163,6 +163,8 @@ impl Worker {
             && self.unacked_bytes < MAX_UNACKED_BYTES
     }
 
+    /// (Signals are passed on to running workers on Unix.)
+    #[cfg_attr(windows, allow(dead_code))]
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
@@ -219,11 +221,28 @@ impl Pool {
         cmd.env_remove("NOTIFY_SOCKET")
             .env("HANDOVER_POOL", &self.name)
             .env("HANDOVER_WORKER", slot.to_string());
+        // If the dispatcher goes, so do its workers: told by SIGTERM on
+        // Linux; on Windows a kill-on-close job ends them.
+        #[cfg(unix)]
         {
             use handover::unix::CommandExt;
             cmd.parent_death_signal(Some(libc::SIGTERM));
         }
+        #[cfg(windows)]
+        {
+            use handover::windows::CommandExt;
+            cmd.end_with_parent(true);
+        }
         let child = cmd.spawn()?;
+        // Both ends of the pair name this process; the sockets sent on
+        // ours must be duplicated for the worker.
+        #[cfg(windows)]
+        let ours = {
+            use handover::windows::ChannelExt;
+            let mut ours = ours;
+            ours.set_peer(&child)?;
+            ours
+        };
         let w = &mut self.workers[slot];
         w.pid = child.id();
         tracing::info!(pool = %self.name, worker = slot, pid = w.pid, "worker started");
@@ -484,7 +503,10 @@ impl Pool {
 
     /// Draining: each worker whose every delivery is acknowledged (and to
     /// which nothing is queued) has its channel shut for writing, which
-    /// ends its `incoming()`; it finishes what it has and exits.
+    /// ends its `incoming()`; it finishes what it has and exits. A named
+    /// pipe cannot be half-closed: on Windows the channel is closed, and
+    /// the worker's exit is seen by its process alone (the state page
+    /// tells what it finished, and nothing more needs reading).
     pub fn end_idle(&mut self) {
         if !self.queue.is_empty() {
             return;
@@ -493,8 +515,14 @@ impl Pool {
             if w.ended || !w.unacked.is_empty() {
                 continue;
             }
+            #[cfg(unix)]
             if let Some(ch) = &w.channel {
                 let _ = rustix::net::shutdown(ch, rustix::net::Shutdown::Write);
+            }
+            #[cfg(windows)]
+            {
+                w.channel = None;
+                w.ready = false;
             }
             w.ended = true;
             w.restart_at = None;

@@ -197,34 +197,15 @@ fn dispatch_program(
     workers: usize,
     identity: Option<users::Identity>,
 ) -> Result<Program> {
-    if !(1..=1024).contains(&workers) {
-        bail!("--workers must be 1 to 1024");
-    }
-    let me = std::env::current_exe().context("finding the handover binary")?;
-    let mut argv: Vec<OsString> = vec![
-        me.clone().into(),
-        "dispatch".into(),
-        "--workers".into(),
-        workers.to_string().into(),
-    ];
-    if let Some(policy) = args.dispatch {
-        use clap::ValueEnum;
-        if let Some(v) = policy.to_possible_value() {
-            argv.extend(["--policy".into(), v.get_name().into()]);
-        }
-    }
-    if let Some(routes) = &args.routes {
-        // Checked now, so a bad file fails before anything is bound; the
-        // dispatcher reads it again at each reload.
-        crate::dispatch::check_routes(routes)?;
-        let abs = std::path::absolute(routes).context("--routes")?;
-        argv.extend(["--routes".into(), abs.into()]);
-    }
-    argv.push("--".into());
-    argv.extend(args.command.iter().cloned());
+    let (path, argv) = crate::dispatch::command_line(
+        workers,
+        args.dispatch,
+        args.routes.as_deref(),
+        &args.command,
+    )?;
     Ok(Program {
         argv,
-        path: me,
+        path,
         identity,
     })
 }

@@ -12,6 +12,9 @@
 //! `--watch` polls the paths every 500 ms (`watch_poll.rs`) where Linux
 //! has inotify.
 //!
+//! With `--workers N` each generation's program is `handover dispatch`
+//! (`dispatch/windows.rs`), as on Unix.
+//!
 //! Not on Windows yet: --accept/--inetd, --user/--group and --fd; the Unix
 //! command has them (`unix.rs`).
 
@@ -43,6 +46,22 @@ pub struct RunArgs {
     #[arg(long)]
     no_systemfd: bool,
 
+    /// Dispatch: handover accepts and hands each connection to one of N
+    /// worker processes running PROGRAM, which take them with
+    /// `handover::dispatch::incoming()` (docs/protocol.md §18). Reloads
+    /// start N new workers and switch once all are ready.
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+
+    /// With --workers: which worker gets the next connection.
+    #[arg(long, value_enum, requires = "workers")]
+    dispatch: Option<crate::dispatch::Policy>,
+
+    /// With --workers: route connections to named pools by TLS SNI or HTTP
+    /// Host (a TOML file, docs/protocol.md §18).
+    #[arg(long, value_name = "FILE", requires = "workers")]
+    routes: Option<PathBuf>,
+
     #[command(flatten)]
     lifecycle: lifecycle::Lifecycle,
 
@@ -71,15 +90,35 @@ pub fn run(args: RunArgs) -> Result<()> {
     if specs.is_empty() {
         bail!("nothing to hand over: give at least one --listen SPEC");
     }
-    let options = args.lifecycle.options(args.watch.clone())?;
+    let mut options = args.lifecycle.options(args.watch.clone())?;
     // A missing program is reported before anything is bound.
     let path = Command::new(&args.command[0])
         .resolved_program()
         .with_context(|| format!("cannot run {:?}", args.command[0].to_string_lossy()))?;
-    let program = Program {
-        argv: args.command.clone(),
-        path,
-        systemfd: !args.no_systemfd,
+    let program = match args.workers {
+        // Each generation's program is `handover dispatch`, which starts
+        // the workers and hands them the connections; it says READY=1
+        // once every worker asked for its first connection, which is what
+        // a reload switches on.
+        Some(n) => {
+            let (path, argv) = crate::dispatch::command_line(
+                n,
+                args.dispatch,
+                args.routes.as_deref(),
+                &args.command,
+            )?;
+            options.ready = supervise::Ready::Notify;
+            Program {
+                argv,
+                path,
+                systemfd: false,
+            }
+        }
+        None => Program {
+            argv: args.command.clone(),
+            path,
+            systemfd: !args.no_systemfd,
+        },
     };
     let listen_options = ListenOptions {
         backlog: args.backlog,

@@ -107,7 +107,7 @@ impl Incoming {
     }
 
     /// Waits for the next connection. `Ok(None)` once the dispatcher has
-    /// closed the channel: no more will come.
+    /// closed the channel (or shut it for writing): no more will come.
     ///
     /// A message that breaks the protocol is an error, with its handle
     /// closed; the next call goes on with the next message.
@@ -116,7 +116,14 @@ impl Incoming {
             let ready = Report::Ready {
                 version: protocol::VERSION,
             };
-            self.channel.send(&ready.encode(), &[])?;
+            match self.channel.send(&ready.encode(), &[]) {
+                // The dispatcher closed the channel before this worker
+                // asked for anything (drained before it was ready; on
+                // Windows a pipe cannot be half-closed, so ending the
+                // channel closes it): no connection will come.
+                Err(Error::Disconnected) => return Ok(None),
+                sent => sent?,
+            }
             self.ready_sent = true;
         }
         let Some(message) = self.channel.recv()? else {

@@ -1423,6 +1423,24 @@ impl Transport {
         Transport { inner, pipe }
     }
 
+    /// Names `pid` as the process at the other end, for an end of a pair
+    /// made in this process whose other end went to `pid`: the pipe itself
+    /// still names this process (it opened both ends), and sockets must be
+    /// duplicated for the process that will use them. Refused for any
+    /// other end, whose peer the kernel names.
+    pub fn set_peer(&mut self, pid: u32) -> io::Result<()> {
+        if self.inner.peer_pid != std::process::id() {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "only an end of a pair made by this process can be given another peer",
+            ));
+        }
+        let process = open_process(pid).ok_or_else(io::Error::last_os_error)?;
+        self.inner.peer_pid = pid;
+        self.inner.peer_process = Some(process);
+        Ok(())
+    }
+
     pub fn into_raw(self) -> OwnedRaw {
         let Transport { inner, pipe } = self;
         drop(inner);
