@@ -4,8 +4,8 @@
 //! pid) served them. Connections are spread over the workers, a hung
 //! worker killed mid-load loses no connection and is restarted, the stop
 //! event drains the dispatcher (in-flight connections finish, the backlog
-//! is left to whoever else holds the socket), routes by HTTP Host reach
-//! their pool, and a reload switches to new workers while the old ones
+//! is left to whoever else holds the socket), routes by HTTP Host and TLS
+//! SNI reach their pool, and a reload switches to new workers while the old ones
 //! drain. The Linux suite is tests/dispatch.rs.
 
 #![cfg(windows)]
@@ -650,13 +650,48 @@ const ROUTES: &str = r#"
 name = "api"
 workers = 1
 
+[[pool]]
+name = "tls"
+workers = 1
+
 [[route]]
 host = "api.example.com"
 pool = "api"
+
+[[route]]
+sni = "tls.example.com"
+pool = "tls"
 "#;
 
+/// A TLS 1.2-framed ClientHello naming `host` in its SNI extension.
+fn client_hello(host: &str) -> Vec<u8> {
+    let be16 = |n: usize| (n as u16).to_be_bytes();
+    let mut name = vec![0u8]; // host_name
+    name.extend(be16(host.len()));
+    name.extend(host.as_bytes());
+    let mut sni = be16(name.len()).to_vec();
+    sni.extend(name);
+    let mut ext = vec![0, 0]; // server_name
+    ext.extend(be16(sni.len()));
+    ext.extend(sni);
+    let mut body = vec![3, 3];
+    body.extend([7u8; 32]); // random
+    body.push(0); // session id
+    body.extend([0, 2, 0x13, 0x01]); // one cipher suite
+    body.extend([1, 0]); // compression: null
+    body.extend(be16(ext.len()));
+    body.extend(ext);
+    let mut hs = vec![1, 0];
+    hs.extend(be16(body.len()));
+    hs.extend(body);
+    let mut record = vec![0x16, 3, 1];
+    record.extend(be16(hs.len()));
+    record.extend(hs);
+    record
+}
+
 #[test]
-fn host_routes_send_clients_to_their_pool() {
+fn host_and_sni_routes_send_clients_to_their_pool() {
     let dir = temp_dir("routes");
     let routes = dir.join("routes.toml");
     std::fs::write(&routes, ROUTES).unwrap();
@@ -682,6 +717,19 @@ fn host_routes_send_clients_to_their_pool() {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     assert_eq!(parse_answer(&out).unwrap().pool, "api", "{out}");
+    // By TLS SNI: the worker answers a ClientHello with its plain label,
+    // having read the peeked bytes from the socket first (not consumed).
+    let hello = client_hello("tls.example.com");
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(&hello).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("pool tls worker 0 "), "{out}");
+    assert!(
+        out.trim_end().ends_with(&format!("peeked {}", hello.len())),
+        "{out}"
+    );
     h.end();
 }
 
