@@ -163,7 +163,8 @@ impl Worker {
             && self.unacked_bytes < MAX_UNACKED_BYTES
     }
 
-    /// (Signals are passed on to running workers on Unix.)
+    /// Whether the process is still ours (not yet reaped): on Unix,
+    /// signals the dispatcher does not handle are passed on to these.
     #[cfg_attr(windows, allow(dead_code))]
     pub fn is_running(&self) -> bool {
         self.child.is_some()
