@@ -626,7 +626,7 @@ fn the_stop_event_drains_in_flight_connections_and_leaves_the_backlog() {
 }
 
 #[test]
-fn a_unix_socket_listener_or_a_missing_socket_is_refused_clearly() {
+fn dispatch_without_sockets_and_a_bad_worker_count_are_refused_clearly() {
     let out = Command::new(HANDOVER)
         .args(["dispatch", "--workers", "2", "--"])
         .arg(example("dispatch_worker"))
