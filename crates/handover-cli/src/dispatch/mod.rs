@@ -135,6 +135,26 @@ pub fn run(args: DispatchArgs) -> Result<()> {
     event::serve(core, listeners, os)
 }
 
+/// `handover run`'s dispatch options, the same on every platform.
+#[derive(Debug, clap::Args)]
+pub struct RunDispatch {
+    /// Dispatch: handover accepts and hands each connection to one of N
+    /// worker processes running PROGRAM, which take them with
+    /// `handover::dispatch::incoming()` (docs/protocol.md §18). Reloads
+    /// start N new workers and switch once all are ready.
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+
+    /// With --workers: which worker gets the next connection.
+    #[arg(long = "dispatch", value_enum, requires = "workers")]
+    pub policy: Option<Policy>,
+
+    /// With --workers: route connections to named pools by TLS SNI or HTTP
+    /// Host (a TOML file, docs/protocol.md §18).
+    #[arg(long, value_name = "FILE", requires = "workers")]
+    pub routes: Option<PathBuf>,
+}
+
 /// The command line of the `handover dispatch` that `handover run
 /// --workers N` starts as each generation's program: this very binary
 /// (its path, and the whole argv). A bad routes file fails here, before

@@ -63,21 +63,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
 
-    /// Dispatch: handover accepts and hands each connection to one of N
-    /// worker processes running PROGRAM, which take them with
-    /// `handover::dispatch::incoming()` (docs/protocol.md §18). Reloads
-    /// start N new workers and switch once all are ready.
-    #[arg(long, value_name = "N")]
-    workers: Option<usize>,
-
-    /// With --workers: which worker gets the next connection.
-    #[arg(long, value_enum, requires = "workers")]
-    dispatch: Option<crate::dispatch::Policy>,
-
-    /// With --workers: route connections to named pools by TLS SNI or HTTP
-    /// Host (a TOML file, docs/protocol.md §18).
-    #[arg(long, value_name = "FILE", requires = "workers")]
-    routes: Option<PathBuf>,
+    #[command(flatten)]
+    dispatch: crate::dispatch::RunDispatch,
 
     #[command(flatten)]
     lifecycle: lifecycle::Lifecycle,
@@ -127,7 +114,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         .resolved_program()
         .with_context(|| format!("cannot run {:?}", args.command[0].to_string_lossy()))?;
     let accept_mode = args.accept || args.inetd;
-    let (program, ready_from_dispatcher) = match args.workers {
+    let (program, ready_from_dispatcher) = match args.dispatch.workers {
         Some(n) => {
             if accept_mode {
                 bail!("--workers cannot be combined with --accept or --inetd");
@@ -199,8 +186,8 @@ fn dispatch_program(
 ) -> Result<Program> {
     let (path, argv) = crate::dispatch::command_line(
         workers,
-        args.dispatch,
-        args.routes.as_deref(),
+        args.dispatch.policy,
+        args.dispatch.routes.as_deref(),
         &args.command,
     )?;
     Ok(Program {

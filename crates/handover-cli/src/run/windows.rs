@@ -46,21 +46,8 @@ pub struct RunArgs {
     #[arg(long)]
     no_systemfd: bool,
 
-    /// Dispatch: handover accepts and hands each connection to one of N
-    /// worker processes running PROGRAM, which take them with
-    /// `handover::dispatch::incoming()` (docs/protocol.md §18). Reloads
-    /// start N new workers and switch once all are ready.
-    #[arg(long, value_name = "N")]
-    workers: Option<usize>,
-
-    /// With --workers: which worker gets the next connection.
-    #[arg(long, value_enum, requires = "workers")]
-    dispatch: Option<crate::dispatch::Policy>,
-
-    /// With --workers: route connections to named pools by TLS SNI or HTTP
-    /// Host (a TOML file, docs/protocol.md §18).
-    #[arg(long, value_name = "FILE", requires = "workers")]
-    routes: Option<PathBuf>,
+    #[command(flatten)]
+    dispatch: crate::dispatch::RunDispatch,
 
     #[command(flatten)]
     lifecycle: lifecycle::Lifecycle,
@@ -95,7 +82,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let path = Command::new(&args.command[0])
         .resolved_program()
         .with_context(|| format!("cannot run {:?}", args.command[0].to_string_lossy()))?;
-    let program = match args.workers {
+    let program = match args.dispatch.workers {
         // Each generation's program is `handover dispatch`, which starts
         // the workers and hands them the connections; it says READY=1
         // once every worker asked for its first connection, which is what
@@ -103,8 +90,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         Some(n) => {
             let (path, argv) = crate::dispatch::command_line(
                 n,
-                args.dispatch,
-                args.routes.as_deref(),
+                args.dispatch.policy,
+                args.dispatch.routes.as_deref(),
                 &args.command,
             )?;
             options.ready = supervise::Ready::Notify;
