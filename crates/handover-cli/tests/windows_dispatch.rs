@@ -10,6 +10,8 @@
 
 #![cfg(windows)]
 
+mod windows_common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -22,21 +24,10 @@ use std::time::{Duration, Instant};
 const HANDOVER: &str = env!("CARGO_BIN_EXE_handover");
 const WAIT: Duration = Duration::from_secs(30);
 
-/// An example of this package, built by `cargo test` next to the tests.
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join("examples")
-        .join(format!("{name}.exe"));
-    assert!(
-        path.is_file(),
-        "{} is missing: run the whole `cargo test`, which builds the examples",
-        path.display()
-    );
-    path
+use windows_common::{example, exited_within, terminate};
+
+fn wait_until<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    windows_common::wait_until(what, WAIT, f)
 }
 
 /// A directory of this test's own, emptied first.
@@ -45,49 +36,6 @@ fn temp_dir(test: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// Polls `f` every 20 ms until it gives a value, for at most WAIT.
-fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Ends a process by pid (TerminateProcess), as a crash would.
-fn terminate(pid: u32) {
-    use windows_sys::Win32::Foundation::CloseHandle;
-    use windows_sys::Win32::System::Threading::{OpenProcess, TerminateProcess, PROCESS_TERMINATE};
-    // SAFETY: opens, terminates and closes a process handle of our own.
-    unsafe {
-        let h = OpenProcess(PROCESS_TERMINATE, 0, pid);
-        assert!(!h.is_null(), "process {pid} cannot be opened");
-        TerminateProcess(h, 9);
-        CloseHandle(h);
-    }
-}
-
-/// Whether process `pid` has exited (or is gone) within `timeout`.
-fn exited_within(pid: u32, timeout: Duration) -> bool {
-    use windows_sys::Win32::Foundation::{CloseHandle, WAIT_OBJECT_0};
-    use windows_sys::Win32::System::Threading::{
-        OpenProcess, WaitForSingleObject, PROCESS_SYNCHRONIZE,
-    };
-    // SAFETY: opens, waits on and closes a process handle of our own.
-    unsafe {
-        let h = OpenProcess(PROCESS_SYNCHRONIZE, 0, pid);
-        if h.is_null() {
-            return true;
-        }
-        let r = WaitForSingleObject(h, timeout.as_millis() as u32);
-        CloseHandle(h);
-        r == WAIT_OBJECT_0
-    }
 }
 
 /// How many handles process `pid` has open.
@@ -463,7 +411,7 @@ fn a_hung_worker_killed_mid_load_loses_no_connection_and_is_restarted() {
         (load.waiting_longer_than(Duration::from_secs(1)) >= 1).then_some(())
     });
     let served_before_kill = load.answers().len();
-    terminate(hung);
+    assert!(terminate(hung), "the hung worker {hung} cannot be opened");
 
     let err = h.wait_log("handing the connections it had not taken", 1);
     let handed = err

@@ -6,9 +6,10 @@
 
 #![cfg(windows)]
 
+mod windows_common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -16,37 +17,10 @@ use std::time::Duration;
 const HANDOVER: &str = env!("CARGO_BIN_EXE_handover");
 const WAIT: Duration = Duration::from_secs(30);
 
-/// An example of this package, built by `cargo test` next to the tests
-/// (target/.../debug/examples).
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join("examples")
-        .join(format!("{name}.exe"));
-    assert!(
-        path.is_file(),
-        "{} is missing: run the whole `cargo test`, which builds the examples",
-        path.display()
-    );
-    path
-}
+use windows_common::{example, exited_within, terminate};
 
-/// Ends a process by pid (the server handover started; Windows does not
-/// end children with their parent).
-fn terminate(pid: u32) {
-    use windows_sys::Win32::Foundation::CloseHandle;
-    use windows_sys::Win32::System::Threading::{OpenProcess, TerminateProcess, PROCESS_TERMINATE};
-    // SAFETY: opens, terminates and closes a process handle of our own.
-    unsafe {
-        let h = OpenProcess(PROCESS_TERMINATE, 0, pid);
-        if !h.is_null() {
-            TerminateProcess(h, 9);
-            CloseHandle(h);
-        }
-    }
+fn wait_until<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    windows_common::wait_until(what, WAIT, f)
 }
 
 /// The lines handover prints on stdout, as they come.
@@ -124,7 +98,7 @@ fn a_listenfd_server_serves_through_handover_run() {
     // A second request: the same process, the same socket.
     assert!(get(&addr).contains(&format!("hello from pid {pid} ")));
     // When the program ends, handover exits as it did.
-    terminate(pid);
+    let _ = terminate(pid);
     let deadline = std::time::Instant::now() + WAIT;
     let status = loop {
         if let Some(s) = handover.try_wait().unwrap() {
@@ -173,25 +147,7 @@ fn killing_handover_ends_the_program() {
     let (mut handover, _addr, pid) = start_listenfd_server();
     handover.kill().unwrap();
     handover.wait().unwrap();
-    assert!(wait_for_exit(pid, WAIT), "the program outlived handover");
-}
-
-/// Whether process `pid` has exited (or is gone) within `timeout`.
-fn wait_for_exit(pid: u32, timeout: Duration) -> bool {
-    use windows_sys::Win32::Foundation::{CloseHandle, WAIT_OBJECT_0};
-    use windows_sys::Win32::System::Threading::{
-        OpenProcess, WaitForSingleObject, PROCESS_SYNCHRONIZE,
-    };
-    // SAFETY: opens, waits on and closes a process handle of our own.
-    unsafe {
-        let h = OpenProcess(PROCESS_SYNCHRONIZE, 0, pid);
-        if h.is_null() {
-            return true;
-        }
-        let r = WaitForSingleObject(h, timeout.as_millis() as u32);
-        CloseHandle(h);
-        r == WAIT_OBJECT_0
-    }
+    assert!(exited_within(pid, WAIT), "the program outlived handover");
 }
 
 /// The same program source as on Linux: examples/http_demo.rs takes its
@@ -206,7 +162,7 @@ fn an_activation_program_takes_its_socket_through_the_bootstrap() {
     assert!(body.starts_with("generation 1 pid "), "{body}");
     let pid: u32 = body["generation 1 pid ".len()..].trim().parse().unwrap();
     assert_ne!(pid, handover.id());
-    terminate(pid);
+    let _ = terminate(pid);
     handover.wait().unwrap();
 }
 
@@ -230,18 +186,6 @@ fn status(ctl: &str) -> serde_json::Value {
     let out = handover_cmd(&["status", "--json"], ctl);
     assert!(out.status.success(), "{out:?}");
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Polls `f` every 50 ms until it gives a value, for at most WAIT.
-fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// One GET on a new connection: the generation that answered, or what
@@ -558,7 +502,7 @@ fn a_crashed_generation_is_restarted_on_the_same_socket() {
     );
     assert_eq!(wait_until("generation 1", || try_get(&addr).ok()), 1);
     let first = status(&ctl)["generations"][0]["pid"].as_u64().unwrap() as u32;
-    terminate(first);
+    let _ = terminate(first);
     assert_eq!(
         wait_until("generation 2 to serve", || try_get(&addr)
             .ok()
